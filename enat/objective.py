@@ -1,0 +1,169 @@
+"""The ENAT training objective (official train.py `LSimple` + libs/nat_misc.py `NATSchedule.sample`).
+
+enat-facts §5: mask ratio r ~ Beta(12, 3), one draw per batch, #masked = round(L r) clamped to
+[1, L-1], positions from a random permutation per sample; cross-entropy with label smoothing 0.1 on the
+masked tokens only; the label embedder's extra 10% label drop in train mode (on top of the dataset's
+p_uncond 0.15, which the data readers apply); and reuse training: with probability 0.5 per batch a
+random fraction of the visible tokens is re-masked, the EMA model encodes that more-masked input without
+gradient, and the model is trained to use those features (`prev`).
+
+All randomness comes from one `torch.Generator` (deterministic under a seed).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import ENAT, ENATState
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Defaults are the official ones (enat-facts §5)."""
+
+    mask_beta: tuple[float, float] = (12.0, 3.0)
+    label_smoothing: float = 0.1
+    reuse_prob: float = 0.5
+    class_dropout: float = 0.1       # LabelEmbedder dropout_prob (train mode, online model only)
+    ema_for_cond: bool = True        # reuse features from the EMA model (official default --ema_for_cond 1)
+    # differs from official when True: one mask ratio per *sample* instead of per batch. The model's
+    # padded path handles the unequal counts; the official rearranger requires equal counts.
+    per_sample_ratio: bool = False
+
+    def __post_init__(self) -> None:
+        a, b = self.mask_beta
+        if a <= 0 or b <= 0:
+            raise ValueError(f"ObjectiveConfig.mask_beta must be two positive numbers, got {self.mask_beta!r}")
+        for name in ("label_smoothing", "reuse_prob", "class_dropout"):
+            v = getattr(self, name)
+            if not 0 <= v <= 1:
+                raise ValueError(f"ObjectiveConfig.{name} must be in [0, 1], got {v!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rand(shape, generator: Optional[torch.Generator], device) -> Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def sample_beta(n: int, a: float, b: float, generator: Optional[torch.Generator], device) -> Tensor:
+    """n draws of Beta(a, b) as float32 from `generator`.
+
+    Integer shapes (the official 12, 3) use the exact identity Beta(a, b) = G_a / (G_a + G_b) with
+    Gamma(k) a sum of k Exp(1) draws, so the generator drives it; other shapes fall back to
+    torch.distributions (global RNG).
+    """
+    if float(a).is_integer() and float(b).is_integer() and a + b <= 64:
+        e = -torch.log(_rand((n, int(a + b)), generator, device).double().clamp_min(1e-300))
+        ga = e[:, : int(a)].sum(1)
+        return (ga / e.sum(1)).float()
+    return torch.distributions.Beta(float(a), float(b)).sample((n,)).to(device).float()
+
+
+def mask_tokens(tokens: Tensor, mask_id: int, config: ObjectiveConfig = ObjectiveConfig(),
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Official `NATSchedule.sample`: -> (masked ids (B, L), labels (B, L) with -1 at visible, ratio (B,)).
+
+    tokens: LongTensor (B, L) of codebook ids.
+    """
+    B, L = tokens.shape
+    device = tokens.device
+    a, b = config.mask_beta
+    ratio = sample_beta(B if config.per_sample_ratio else 1, a, b, generator, device).expand(B)
+    # as official: float32 product, round half to even, clamp to [1, L-1]
+    n_mask = (L * ratio).round().clamp(min=1, max=L - 1)
+    rank = _rand((B, L), generator, device).argsort(dim=-1)
+    mask = rank < n_mask[:, None]
+    return torch.where(mask, mask_id, tokens), torch.where(mask, tokens, -1), ratio
+
+
+def remask_visible(masked_ids: Tensor, mask_id: int, generator: Optional[torch.Generator] = None,
+                   per_sample: bool = False) -> Tensor:
+    """Official reuse branch: mask round(U * #visible) more of the visible tokens (one U per batch;
+    count clamped to L-1), chosen at random per sample. -> the more-masked ids (B, L)."""
+    B, L = masked_ids.shape
+    device = masked_ids.device
+    masking = masked_ids == mask_id
+    visible = (~masking).sum(-1)                                                   # (B,)
+    u = _rand((B,) if per_sample else (1,), generator, device)
+    n = (visible * u).round().clamp(0, L - 1)                                      # (B,)
+    conf = _rand((B, L), generator, device).masked_fill(masking, float("inf"))
+    rank = conf.argsort(dim=-1).argsort(dim=-1)                                    # rank of each position
+    more = rank < n[:, None]
+    return torch.where(more, mask_id, masked_ids)
+
+
+def drop_labels(model: ENAT, cond: Tensor, p: float, generator: Optional[torch.Generator]) -> Tensor:
+    """Replace each condition by the null one with probability p (official LabelEmbedder.token_drop)."""
+    if p <= 0:
+        return cond
+    drop = _rand((cond.shape[0],), generator, cond.device) < p
+    null = model.null_cond(cond.shape[0], cond.device)
+    if cond.dim() == 1:
+        return torch.where(drop, null, cond)
+    return torch.where(drop[:, None, None], null.to(cond.dtype), cond)
+
+
+def lsimple(model: ENAT, tokens: Tensor, cond: Tensor, ema_model: Optional[ENAT] = None,
+            config: ObjectiveConfig = ObjectiveConfig(), generator: Optional[torch.Generator] = None,
+            reuse: Optional[bool] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """One batch of the official objective -> (scalar loss, metrics as 0-d tensors).
+
+    tokens: LongTensor (B, L) codebook ids; cond: (B,) labels (already dropped with p_uncond by the
+    data reader, as the official CFGDataset does) or (B, T, text_dim) text features. `ema_model` supplies
+    the reuse features (the online model is used if None or `config.ema_for_cond` is False). `reuse`
+    forces the reuse branch on/off instead of the coin flip.
+    """
+    mask_id = model.config.mask_id
+    masked_ids, labels, _ = mask_tokens(tokens, mask_id, config, generator)
+    coin = _rand((1,), generator, tokens.device)
+    if reuse is None:
+        reuse = bool(coin.item() < config.reuse_prob)   # one host read per batch, as official
+    prev: Optional[ENATState] = None
+    if reuse:
+        feat_net = ema_model if (ema_model is not None and config.ema_for_cond) else model
+        prev_ids = remask_visible(masked_ids, mask_id, generator, config.per_sample_ratio)
+        with torch.no_grad():
+            training = feat_net.training
+            if feat_net is ema_model:
+                feat_net.eval()                     # as official: the EMA model runs in eval mode
+            prev = feat_net(prev_ids, cond).state
+            feat_net.train(training)
+    # the embedder's extra label drop applies to the online model only (the EMA runs in eval mode)
+    cond_online = drop_labels(model, cond, config.class_dropout, generator) if model.training else cond
+    sets = model.token_sets(masked_ids == mask_id, None if prev is None else prev.masking)
+    _, x_m = model.forward_sets(masked_ids, cond_online, sets, prev)
+    # logits for the masked tokens only (the loss ignores visible positions; official computes all L)
+    logits = model.head(x_m).float()                                               # (B, N_mask, K)
+    T = model.num_text_tokens
+    target = labels.gather(1, (sets.masked - T).clamp(min=0))
+    if sets.masked_valid is not None:
+        target = torch.where(sets.masked_valid, target, -1)
+    loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-1,
+                           label_smoothing=config.label_smoothing)
+    with torch.no_grad():
+        valid = target >= 0
+        acc = ((logits.argmax(-1) == target) & valid).sum() / valid.sum().clamp(min=1)
+        metrics = {"masked_token_ratio": (masked_ids == mask_id).float().mean(),
+                   "mask_acc": acc, "reuse": torch.tensor(float(reuse))}
+    return loss, metrics
+
+
+@torch.no_grad()
+def ema_update(ema_model: nn.Module, model: nn.Module, rate: float) -> None:
+    """Official utils.ema: p_ema = rate * p_ema + (1 - rate) * p, over named parameters."""
+    src = dict(model.named_parameters())
+    dst = [p for _, p in ema_model.named_parameters()]
+    srcs = [src[n] for n, _ in ema_model.named_parameters()]
+    torch._foreach_mul_(dst, rate)
+    torch._foreach_add_(dst, srcs, alpha=1 - rate)
+
+
+def warmup_constant(warmup_steps: int):
+    """Official LR schedule multiplier: min(step / warmup, 1) (linear warmup, then constant)."""
+    return lambda step: min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0

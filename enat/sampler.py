@@ -1,0 +1,240 @@
+"""The ENAT generation loop (official libs/nat_misc.py `NATSchedule.generate`, enat-facts §6).
+
+Per step k = 0..T-1 with ratio r = (k+1)/T:
+  guided logits  c + s_k (c - u) with s_k = (k/T) cfg_scale (linear ramp; s_0 = 0), then log_softmax;
+  sample each [MASK] position from Categorical(logp / max(sample_temp (1-r), 1e-3));
+  confidence = the untempered logp of the sampled token + mask_temp (1-r) Gumbel noise;
+  keep floor(L cos(pi/2 r)) lowest-confidence positions masked; visible tokens are never re-masked.
+With reuse, each stream (conditional, unconditional) passes its previous step's features on.
+
+Faster but equivalent to the official loop (same tokens given the same random numbers):
+  - the two guidance streams run as one batched forward of 2B (same token sets: the ids are shared);
+  - the step-0 unconditional pass is skipped for class-conditional models: its guidance weight is 0 and
+    no visible token exists whose features a later step could reuse;
+  - logits, sampling and confidences are computed for the [MASK] positions only (the official code
+    computes all L and then discards the visible ones);
+  - the token sets come from the schedule (host-side counts), so there is no host-device sync inside
+    the loop and every step has static shapes (`torch.compile` / CUDA graphs apply).
+Randomness is drawn with torch on the model's device from the given generator (the official code uses
+numpy for the Gumbel noise), so the random streams differ from the official ones; with
+`mask_temp=0, sample_temp=0` both are deterministic and produce the same tokens.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .model import ENAT, TokenSets
+
+# Temperature floor of the official sampler: `max(samp_temp * (1 - ratio), 1e-3)`.
+TEMP_FLOOR = 1e-3
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Sampling settings. Defaults are the paper's ImageNet-256 ones (enat-facts §6)."""
+
+    steps: int = 8
+    cfg_scale: float = 2.5
+    mask_temp: float = 1.5
+    sample_temp: float = 6.0
+    reuse: bool = True
+    dtype: str = "float32"          # "float32" | "bfloat16" | "float16" (autocast for the network)
+    compile: bool = False           # torch.compile the network (off by default; worth it on GPU)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"SamplerConfig.steps must be a positive int, got {self.steps!r}")
+        for name in ("cfg_scale", "mask_temp", "sample_temp"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+                raise ValueError(f"SamplerConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"SamplerConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @staticmethod
+    def preset(name: str) -> "SamplerConfig":
+        try:
+            return _PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown sampler preset {name!r}; known: {', '.join(sorted(_PRESETS))}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The official README's commands (enat-facts §6); no 4-step or COCO settings are published.
+_PRESETS = {
+    "imagenet-256": SamplerConfig(steps=8, cfg_scale=2.5, mask_temp=1.5, sample_temp=6.0),
+    "imagenet-512": SamplerConfig(steps=8, cfg_scale=3.5, mask_temp=1.5, sample_temp=4.0),
+}
+
+
+def mask_schedule(seq_len: int, steps: int) -> list[int]:
+    """Number of [MASK] tokens at the input of each step, plus 0 at the end: [L, n_1, ..., n_T = 0].
+
+    As official: `floor(L * np.cos(pi/2 * (k+1)/T))` (numpy's cos, so the counts are bit-identical).
+    """
+    counts = [seq_len]
+    for k in range(steps):
+        ratio = 1.0 * (k + 1) / steps
+        counts.append(math.floor(seq_len * np.cos(ratio * math.pi * 0.5)))
+    return counts
+
+
+def _gumbel(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    return -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+
+
+@torch.no_grad()
+def generate(model: ENAT, cond: Tensor, config: SamplerConfig = SamplerConfig(),
+             generator: Optional[torch.Generator] = None) -> Tensor:
+    """Generate token grids.
+
+    model: an ENAT (eval mode is set for the call). cond: LongTensor (B,) class labels (`num_classes`
+    is the null class) or, for text models, FloatTensor (B, text_len, text_dim). Returns LongTensor
+    (B, seq_len) of codebook ids in [0, codebook_size). Reproducible given `generator` (on the model's
+    device); all randomness is drawn on that device.
+    """
+    if not model.config.disentangled:
+        return _generate_uniform(model, cond, config, generator)
+    cfg = model.config
+    device = model.mlm_layer.bias.device
+    cond = cond.to(device)
+    B, L, T = cond.shape[0], cfg.seq_len, model.num_text_tokens
+    was_training = model.training
+    model.eval()
+    net = _compiled(model) if config.compile else model
+    amp = _autocast(device, config.dtype)
+    guided = config.cfg_scale > 0
+    counts = mask_schedule(L, config.steps)
+
+    # Index sets into the full sequence [text (T); image (L)]; image position p is slot T + p.
+    ar = torch.arange(L, device=device) + T
+    masked = ar.expand(B, L).contiguous()                      # (B, N_mask) positions still [MASK]
+    new = torch.arange(T, device=device).expand(B, T)          # text slots are visible from the start
+    old = new[:, :0]
+    old_feat: Optional[Tensor] = None                          # (2B or B, N_old, D) reused features
+    ids = torch.full((B, L), cfg.mask_id, dtype=torch.long, device=device)
+    null = model.null_cond(B, device)
+    both = torch.cat([cond, null], dim=0) if guided else cond  # (2B, ...) conditional then unconditional
+    with amp:
+        c_both = model.embed_cond(both)[0]
+        mods_both = [blk.adaLN_modulation(c_both) for blk in model.blocks]
+
+    for k in range(config.steps):
+        ratio = 1.0 * (k + 1) / config.steps
+        s_k = k / config.steps * config.cfg_scale             # official: set to ratio*cfg after each step
+        # step 0 of a class model: the unconditional pass has weight 0 and nothing to pass on
+        run_uncond = guided and (k > 0 or T > 0)
+        r = 2 if run_uncond else 1
+        nb = r * B
+        sets = TokenSets(old.repeat(r, 1), new.repeat(r, 1), masked.repeat(r, 1))
+        if old_feat is not None and old_feat.shape[0] != nb:
+            # step 0 ran the conditional stream only; the unconditional one had no visible token then
+            old_feat = old_feat.repeat(nb // old_feat.shape[0], 1, 1)
+        with amp:
+            x, _ = model.embed_tokens(ids.repeat(r, 1), both[:nb])
+            vis, x_m = net.run_blocks(x, c_both[:nb], sets, old_feat, [m[:nb] for m in mods_both])
+            logits = model.head(x_m).float()                  # (nb, N_mask, K)
+        if run_uncond:
+            lc, lu = logits[:B], logits[B:]
+            logits = lc + s_k * (lc - lu)
+        logp = torch.log_softmax(logits, dim=-1)               # (B, N_mask, K)
+
+        temp = max(config.sample_temp * (1 - ratio), TEMP_FLOOR)
+        if temp <= TEMP_FLOOR:
+            # at the official 1e-3 floor Categorical(logp / 1e-3) is an argmax (up to probability
+            # exp(-gap / 1e-3) for a log-prob gap); we take the argmax exactly.
+            sampled = logp.argmax(dim=-1)
+        else:
+            # Gumbel-max: the same distribution as Categorical(logits=logp / temp)
+            sampled = (logp / temp + _gumbel(logp.shape, generator, device)).argmax(dim=-1)   # (B, N_mask)
+        conf = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)                            # (B, N_mask)
+        noise_temp = config.mask_temp * (1 - ratio)
+        if noise_temp > 0:
+            conf = conf + noise_temp * _gumbel(conf.shape, generator, device)
+
+        # official: argsort all L ascending (visible = +inf) and re-mask the first floor(L cos(.));
+        # i.e. among the [MASK] positions the n_reveal most confident are revealed.
+        n_reveal = masked.shape[1] - counts[k + 1]
+        order = conf.argsort(dim=-1, descending=True)
+        reveal, keep = order[:, :n_reveal], order[:, n_reveal:]
+        reveal_pos = masked.gather(1, reveal)                                               # (B, n_reveal)
+        ids = ids.scatter(1, reveal_pos - T, sampled.gather(1, reveal))
+        masked = masked.gather(1, keep)
+        if config.reuse:
+            # what is visible now is reused next step ("old"); only the revealed tokens are encoded
+            old, new, old_feat = torch.cat([old, new], dim=1), reveal_pos, vis
+        else:
+            new = torch.cat([new, reveal_pos], dim=1)
+
+    if was_training:
+        model.train()
+    return ids
+
+
+def _generate_uniform(model: ENAT, cond: Tensor, config: SamplerConfig,
+                      generator: Optional[torch.Generator]) -> Tensor:
+    """Baseline NAT: the same loop with full-sequence forwards (no reuse)."""
+    cfg = model.config
+    device = model.mlm_layer.bias.device
+    cond = cond.to(device)
+    B, L = cond.shape[0], cfg.seq_len
+    was_training = model.training
+    model.eval()
+    amp = _autocast(device, config.dtype)
+    counts = mask_schedule(L, config.steps)
+    guided = config.cfg_scale > 0
+    ids = torch.full((B, L), cfg.mask_id, dtype=torch.long, device=device)
+    both = torch.cat([cond, model.null_cond(B, device)]) if guided else cond
+    for k in range(config.steps):
+        ratio = 1.0 * (k + 1) / config.steps
+        s_k = k / config.steps * config.cfg_scale
+        with amp:
+            logits = model(ids.repeat(2 if guided else 1, 1), both).logits.float()
+        if guided:
+            logits = logits[:B] + s_k * (logits[:B] - logits[B:])
+        logp = torch.log_softmax(logits, dim=-1)
+        is_mask = ids == cfg.mask_id
+        temp = max(config.sample_temp * (1 - ratio), TEMP_FLOOR)
+        if temp <= TEMP_FLOOR:
+            sampled = logp.argmax(-1)
+        else:
+            sampled = (logp / temp + _gumbel(logp.shape, generator, device)).argmax(-1)
+        sampled = torch.where(is_mask, sampled, ids)
+        conf = torch.where(is_mask, logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1), math.inf)
+        if config.mask_temp * (1 - ratio) > 0:
+            conf = conf + config.mask_temp * (1 - ratio) * _gumbel(conf.shape, generator, device)
+        remask = conf.argsort(dim=-1)[:, :counts[k + 1]]
+        ids = sampled.scatter(1, remask, cfg.mask_id)
+    if was_training:
+        model.train()
+    return ids
+
+
+def _autocast(device: torch.device, dtype: str):
+    if _DTYPES[dtype] is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[dtype])
+
+
+def _compiled(model: ENAT):
+    """A compiled view of the model's block stack (cached on the model)."""
+    comp = getattr(model, "_compiled_run_blocks", None)
+    if comp is None:
+        comp = torch.compile(model.run_blocks, dynamic=False)
+        model._compiled_run_blocks = comp
+
+    class _View:
+        run_blocks = staticmethod(comp)
+    return _View
