@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -91,22 +91,25 @@ def mask_schedule(seq_len: int, steps: int) -> list[int]:
 
 
 def _gumbel(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
-    return -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+    """Standard Gumbel noise: -log(E) with E ~ Exp(1)."""
+    e = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
+    return -torch.log(e)
 
 
 @torch.no_grad()
 def generate(model: ENAT, cond: Tensor, config: SamplerConfig = SamplerConfig(),
-             generator: Optional[torch.Generator] = None) -> Tensor:
+             generator: Optional[torch.Generator] = None,
+             callback: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
     """Generate token grids.
 
     model: an ENAT (eval mode is set for the call). cond: LongTensor (B,) class labels (`num_classes`
     is the null class) or, for text models, FloatTensor (B, text_len, text_dim). Returns LongTensor
     (B, seq_len) of codebook ids in [0, codebook_size). Reproducible given `generator` (on the model's
-    device); all randomness is drawn on that device.
+    device); all randomness is drawn on that device. `callback(step, ids)`, if given, sees the ids after
+    each step (`codebook_size` where still [MASK]).
     """
     if not model.config.disentangled:
-        return _generate_uniform(model, cond, config, generator)
+        return _generate_uniform(model, cond, config, generator, callback)
     cfg = model.config
     device = model.mlm_layer.bias.device
     cond = cond.to(device)
@@ -172,6 +175,8 @@ def generate(model: ENAT, cond: Tensor, config: SamplerConfig = SamplerConfig(),
         reveal_pos = masked.gather(1, reveal)                                               # (B, n_reveal)
         ids = ids.scatter(1, reveal_pos - T, sampled.gather(1, reveal))
         masked = masked.gather(1, keep)
+        if callback is not None:
+            callback(k, ids)
         if config.reuse:
             # what is visible now is reused next step ("old"); only the revealed tokens are encoded
             old, new, old_feat = torch.cat([old, new], dim=1), reveal_pos, vis
@@ -184,7 +189,8 @@ def generate(model: ENAT, cond: Tensor, config: SamplerConfig = SamplerConfig(),
 
 
 def _generate_uniform(model: ENAT, cond: Tensor, config: SamplerConfig,
-                      generator: Optional[torch.Generator]) -> Tensor:
+                      generator: Optional[torch.Generator],
+                      callback: Optional[Callable[[int, Tensor], None]]) -> Tensor:
     """Baseline NAT: the same loop with full-sequence forwards (no reuse)."""
     cfg = model.config
     device = model.mlm_layer.bias.device
@@ -217,6 +223,8 @@ def _generate_uniform(model: ENAT, cond: Tensor, config: SamplerConfig,
             conf = conf + config.mask_temp * (1 - ratio) * _gumbel(conf.shape, generator, device)
         remask = conf.argsort(dim=-1)[:, :counts[k + 1]]
         ids = sampled.scatter(1, remask, cfg.mask_id)
+        if callback is not None:
+            callback(k, ids)
     if was_training:
         model.train()
     return ids
