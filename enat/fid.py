@@ -27,6 +27,7 @@ from .checkpoint import Source, load_strict, read_state_dict
 
 ArrayLike = Union[np.ndarray, Tensor]
 FileSource = Union[str, os.PathLike, BinaryIO, bytes]
+_Size = Union[int, tuple[int, int]]
 
 FID_INPUT_SIZE = 299  # pytorch-fid's resize_input target
 NUM_CLASSES = 1008  # the TF graph's softmax: 1000 ImageNet classes + 8 unused
@@ -39,7 +40,7 @@ NUM_CLASSES = 1008  # the TF graph's softmax: 1000 ImageNet classes + 8 unused
 class BasicConv2d(nn.Module):
     """Conv (no bias) → BatchNorm (eps 0.001, as the TF graph) → ReLU. Keys: `conv.*`, `bn.*`."""
 
-    def __init__(self, cin: int, cout: int, kernel_size, stride=1, padding=0) -> None:
+    def __init__(self, cin: int, cout: int, kernel_size: _Size, stride: _Size = 1, padding: _Size = 0) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
@@ -244,7 +245,8 @@ class FIDInception(nn.Module):
             if k.endswith("num_batches_tracked") and k not in sd:
                 sd[k] = v
         name = source if isinstance(source, (str, os.PathLike)) else getattr(source, "name", None)
-        load_strict(net, sd, what=f"FID Inception weights {os.fspath(name)!r}" if name else "FID Inception weights")
+        what = f"FID Inception weights {os.fspath(name)!r}" if name else "FID Inception weights"
+        load_strict(net, sd, what=f"{what} (expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth layout)")
         return net
 
     def train(self, mode: bool = True) -> "FIDInception":
@@ -392,7 +394,7 @@ def load_reference_stats(source: FileSource) -> tuple[np.ndarray, np.ndarray]:
 # Exact mergeable feature statistics
 # ----------------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)
 class FeatureStats:
     """Sufficient statistics of a feature set: n, Σx (float64 [D]), Σxxᵀ (float64 [D, D]).
 
@@ -423,7 +425,7 @@ class FeatureStats:
             raise ValueError(f"FeatureStats.update: expected features [B, {self.dim}], got {tuple(x.shape)}")
         self.n += x.shape[0]
         self.sum += x.sum(0)
-        self.outer += x.T @ x  # (D, D)
+        self.outer.addmm_(x.T, x)  # (D, D) += (D, B) @ (B, D), no temporary
         return self
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
@@ -520,7 +522,7 @@ def inception_score(logits: ArrayLike, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-@dataclass
+@dataclass(eq=False)
 class ISStats:
     """Mergeable Inception-Score partials: per split k, n_k, P_k = Σ softmax(logits) (float64 [C]) and
     H_k = Σ Σ_c p log p (float64). The split of a sample is `is_split_index(index, total, splits)` of its
