@@ -235,8 +235,9 @@ class Block(nn.Module):
         ctx_mod = None
         if ctx is not None and ctx.shape[1]:
             ctx_mod = modulate(self.norm1_(ctx), shift_ctx, scale_ctx)
-        x = x + gate_msa.unsqueeze(1) * self.attn(x_mod, ctx_mod, key_valid)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # x + gate * f(x) as one fused op
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(x_mod, ctx_mod, key_valid))
+        return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class TokenEmbedding(nn.Module):

@@ -90,6 +90,15 @@ def mask_schedule(seq_len: int, steps: int) -> list[int]:
     return counts
 
 
+def _categorical(logp: Tensor, temp: float, generator: Optional[torch.Generator]) -> Tensor:
+    """One draw per row from Categorical(logits = logp / temp) by inverse CDF: one uniform per row
+    instead of a Gumbel per class (half the cost of Gumbel-max on CPU). logp (..., K) -> (...)."""
+    p = torch.softmax(logp / temp, dim=-1)
+    c = p.cumsum(dim=-1)                                                   # (..., K)
+    u = torch.rand(c.shape[:-1] + (1,), generator=generator, device=c.device, dtype=c.dtype) * c[..., -1:]
+    return torch.searchsorted(c, u, right=True).squeeze(-1).clamp_(max=c.shape[-1] - 1)
+
+
 def _gumbel(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
     """Standard Gumbel noise: -log(E) with E ~ Exp(1)."""
     e = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
@@ -130,62 +139,85 @@ def generate(model: ENAT, cond: Tensor, config: SamplerConfig = SamplerConfig(),
     ids = torch.full((B, L), cfg.mask_id, dtype=torch.long, device=device)
     null = model.null_cond(B, device)
     both = torch.cat([cond, null], dim=0) if guided else cond  # (2B, ...) conditional then unconditional
+    # one autocast context for the whole loop: its weight cache casts each weight once per call
+    # (entering it per step would re-cast every weight at every step)
     with amp:
         c_both = model.embed_cond(both)[0]
         mods_both = [blk.adaLN_modulation(c_both) for blk in model.blocks]
+        for k in range(config.steps):
+            ids, masked, old, new, old_feat = _step(model, net, k, config, counts, ids, masked, old, new,
+                                                    old_feat, both, c_both, mods_both, generator, callback)
+    if was_training:
+        model.train()
+    return ids
 
-    for k in range(config.steps):
-        ratio = 1.0 * (k + 1) / config.steps
-        s_k = k / config.steps * config.cfg_scale             # official: set to ratio*cfg after each step
-        # step 0 of a class model: the unconditional pass has weight 0 and nothing to pass on
-        run_uncond = guided and (k > 0 or T > 0)
-        r = 2 if run_uncond else 1
-        nb = r * B
-        sets = TokenSets(old.repeat(r, 1), new.repeat(r, 1), masked.repeat(r, 1))
-        if old_feat is not None and old_feat.shape[0] != nb:
-            # step 0 ran the conditional stream only; the unconditional one had no visible token then
-            old_feat = old_feat.repeat(nb // old_feat.shape[0], 1, 1)
-        with amp:
-            x, _ = model.embed_tokens(ids.repeat(r, 1), both[:nb])
-            vis, x_m = net.run_blocks(x, c_both[:nb], sets, old_feat, [m[:nb] for m in mods_both])
-            logits = model.head(x_m).float()                  # (nb, N_mask, K)
-        if run_uncond:
-            lc, lu = logits[:B], logits[B:]
-            logits = lc + s_k * (lc - lu)
-        logp = torch.log_softmax(logits, dim=-1)               # (B, N_mask, K)
 
+def _sample(cond_logits: Tensor, uncond_logits: Optional[Tensor], scale: float, ratio: float,
+            config: SamplerConfig, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """Guidance, token sampling and confidence for one step (official NATSchedule.generate).
+
+    logits (B, N, K) -> (sampled ids (B, N), confidence (B, N)). Runs in float32 whatever the
+    network's dtype.
+    """
+    with torch.autocast(cond_logits.device.type, enabled=False):
+        logits = cond_logits.float()
+        if uncond_logits is not None:
+            logits = logits + scale * (logits - uncond_logits.float())    # guidance on raw logits
+        logp = torch.log_softmax(logits, dim=-1)
         temp = max(config.sample_temp * (1 - ratio), TEMP_FLOOR)
         if temp <= TEMP_FLOOR:
             # at the official 1e-3 floor Categorical(logp / 1e-3) is an argmax (up to probability
             # exp(-gap / 1e-3) for a log-prob gap); we take the argmax exactly.
             sampled = logp.argmax(dim=-1)
         else:
-            # Gumbel-max: the same distribution as Categorical(logits=logp / temp)
-            sampled = (logp / temp + _gumbel(logp.shape, generator, device)).argmax(dim=-1)   # (B, N_mask)
-        conf = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)                            # (B, N_mask)
+            sampled = _categorical(logp, temp, generator)
+        # confidence: the untempered guided log-prob of the sampled token, plus annealed Gumbel noise
+        conf = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
         noise_temp = config.mask_temp * (1 - ratio)
         if noise_temp > 0:
-            conf = conf + noise_temp * _gumbel(conf.shape, generator, device)
+            conf = conf + noise_temp * _gumbel(conf.shape, generator, conf.device)
+    return sampled, conf
 
-        # official: argsort all L ascending (visible = +inf) and re-mask the first floor(L cos(.));
-        # i.e. among the [MASK] positions the n_reveal most confident are revealed.
-        n_reveal = masked.shape[1] - counts[k + 1]
-        order = conf.argsort(dim=-1, descending=True)
-        reveal, keep = order[:, :n_reveal], order[:, n_reveal:]
-        reveal_pos = masked.gather(1, reveal)                                               # (B, n_reveal)
-        ids = ids.scatter(1, reveal_pos - T, sampled.gather(1, reveal))
-        masked = masked.gather(1, keep)
-        if callback is not None:
-            callback(k, ids)
-        if config.reuse:
-            # what is visible now is reused next step ("old"); only the revealed tokens are encoded
-            old, new, old_feat = torch.cat([old, new], dim=1), reveal_pos, vis
-        else:
-            new = torch.cat([new, reveal_pos], dim=1)
 
-    if was_training:
-        model.train()
-    return ids
+def _step(model: ENAT, net, k: int, config: SamplerConfig, counts: list[int], ids: Tensor, masked: Tensor,
+          old: Tensor, new: Tensor, old_feat: Optional[Tensor], both: Tensor, c_both: Tensor,
+          mods_both: list[Tensor], generator: Optional[torch.Generator],
+          callback: Optional[Callable[[int, Tensor], None]]):
+    """One sampling step: forward the streams, guide, sample, re-mask; returns the next step's state."""
+    B, T, device = ids.shape[0], model.num_text_tokens, ids.device
+    ratio = 1.0 * (k + 1) / config.steps
+    s_k = k / config.steps * config.cfg_scale             # official: set to ratio*cfg after each step
+    # step 0 of a class model: the unconditional pass has weight 0 and nothing to pass on
+    guided = config.cfg_scale > 0
+    run_uncond = guided and (k > 0 or T > 0)
+    r = 2 if run_uncond else 1
+    nb = r * B
+    sets = TokenSets(old.repeat(r, 1), new.repeat(r, 1), masked.repeat(r, 1))
+    if old_feat is not None and old_feat.shape[0] != nb:
+        # step 0 ran the conditional stream only; the unconditional one had no visible token then
+        old_feat = old_feat.repeat(nb // old_feat.shape[0], 1, 1)
+    x, _ = model.embed_tokens(ids.repeat(r, 1), both[:nb])
+    vis, x_m = net.run_blocks(x, c_both[:nb], sets, old_feat, [m[:nb] for m in mods_both])
+    logits = model.head(x_m)                              # (nb, N_mask, K)
+
+    sampled, conf = _sample(logits[:B], logits[B:] if run_uncond else None, s_k, ratio, config, generator)
+
+    # official: argsort all L ascending (visible = +inf) and re-mask the first floor(L cos(.));
+    # i.e. among the [MASK] positions the n_reveal most confident are revealed.
+    n_reveal = masked.shape[1] - counts[k + 1]
+    order = conf.argsort(dim=-1, descending=True)
+    reveal, keep = order[:, :n_reveal], order[:, n_reveal:]
+    reveal_pos = masked.gather(1, reveal)                                                # (B, n_reveal)
+    ids = ids.scatter(1, reveal_pos - T, sampled.gather(1, reveal))
+    masked = masked.gather(1, keep)
+    if callback is not None:
+        callback(k, ids)
+    if config.reuse:
+        # what is visible now is reused next step ("old"); only the revealed tokens are encoded
+        old, new, old_feat = torch.cat([old, new], dim=1), reveal_pos, vis
+    else:
+        new = torch.cat([new, reveal_pos], dim=1)
+    return ids, masked, old, new, old_feat
 
 
 def _generate_uniform(model: ENAT, cond: Tensor, config: SamplerConfig,
@@ -207,20 +239,11 @@ def _generate_uniform(model: ENAT, cond: Tensor, config: SamplerConfig,
         ratio = 1.0 * (k + 1) / config.steps
         s_k = k / config.steps * config.cfg_scale
         with amp:
-            logits = model(ids.repeat(2 if guided else 1, 1), both).logits.float()
-        if guided:
-            logits = logits[:B] + s_k * (logits[:B] - logits[B:])
-        logp = torch.log_softmax(logits, dim=-1)
+            logits = model(ids.repeat(2 if guided else 1, 1), both).logits
+        sampled, conf = _sample(logits[:B], logits[B:] if guided else None, s_k, ratio, config, generator)
         is_mask = ids == cfg.mask_id
-        temp = max(config.sample_temp * (1 - ratio), TEMP_FLOOR)
-        if temp <= TEMP_FLOOR:
-            sampled = logp.argmax(-1)
-        else:
-            sampled = (logp / temp + _gumbel(logp.shape, generator, device)).argmax(-1)
         sampled = torch.where(is_mask, sampled, ids)
-        conf = torch.where(is_mask, logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1), math.inf)
-        if config.mask_temp * (1 - ratio) > 0:
-            conf = conf + config.mask_temp * (1 - ratio) * _gumbel(conf.shape, generator, device)
+        conf = conf.masked_fill(~is_mask, math.inf)                        # visible: never re-masked
         remask = conf.argsort(dim=-1)[:, :counts[k + 1]]
         ids = sampled.scatter(1, remask, cfg.mask_id)
         if callback is not None:

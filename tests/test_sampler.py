@@ -176,9 +176,11 @@ def test_gumbel_noise_and_categorical_sampling_statistics():
     g = _gumbel((400_000,), torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.isfinite(g).all()
     assert abs(g.mean().item() - 0.5772) < 0.01 and abs(g.var().item() - math.pi ** 2 / 6) < 0.02
-    # Gumbel-max with temperature t draws from softmax(logp / t)
+    # the inverse-CDF categorical draws from softmax(logp / t)
+    from enat.sampler import _categorical
     logp = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0, -1.0]), 0)
     t = 2.0
-    draws = (logp / t + _gumbel((200_000, 4), torch.Generator().manual_seed(1), torch.device("cpu"))).argmax(-1)
+    draws = _categorical(logp.expand(200_000, 4), t, torch.Generator().manual_seed(1))
     freq = torch.bincount(draws, minlength=4).float() / draws.numel()
     assert torch.allclose(freq, torch.softmax(logp / t, 0), atol=5e-3)
+    assert draws.min() >= 0 and draws.max() <= 3
