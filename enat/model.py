@@ -278,8 +278,10 @@ class ENATState(NamedTuple):
 
 
 class ENATOutput(NamedTuple):
-    logits: Tensor    # (B, seq_len, codebook_size)
+    logits: Tensor    # (B, seq_len, codebook_size), or (B, N_mask, codebook_size) with masked_only=True
     state: ENATState
+    # with masked_only=True: the image position of each logits row (B, N_mask), -1 for padding rows
+    masked_index: Optional[Tensor] = None
 
 
 class TokenSets(NamedTuple):
@@ -407,7 +409,10 @@ class ENAT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------
 
-    def forward(self, ids: Tensor, cond: Tensor, prev: Optional[ENATState] = None) -> ENATOutput:
+    def forward(self, ids: Tensor, cond: Tensor, prev: Optional[ENATState] = None,
+                masked_only: bool = False) -> ENATOutput:
+        """See the class docstring. `masked_only=True` computes the head for the [MASK] positions only
+        (what training needs: the loss ignores visible positions) and returns their positions."""
         cfg = self.config
         if ids.dim() != 2 or ids.shape[1] != cfg.seq_len:
             raise ValueError(f"ids must be (B, {cfg.seq_len}), got {tuple(ids.shape)}")
@@ -417,7 +422,12 @@ class ENAT(nn.Module):
                 raise ValueError("the baseline NAT (disentangled=False) has no reuse path")
             return self._forward_uniform(ids, cond, masking)
         sets = self.token_sets(masking, None if prev is None else prev.masking)
-        feat, _ = self.forward_sets(ids, cond, sets, prev)
+        feat, x_m = self.forward_sets(ids, cond, sets, prev)
+        if masked_only:
+            pos = sets.masked - self.num_text_tokens
+            if sets.masked_valid is not None:
+                pos = torch.where(sets.masked_valid, pos, -1)
+            return ENATOutput(self.head(x_m), ENATState(feat, masking), pos)
         logits = self.head(feat[:, self.num_text_tokens:])
         return ENATOutput(logits, ENATState(feat, masking))
 

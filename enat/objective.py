@@ -119,7 +119,8 @@ def lsimple(model: ENAT, tokens: Tensor, cond: Tensor, ema_model: Optional[ENAT]
     the reuse features (the online model is used if None or `config.ema_for_cond` is False). `reuse`
     forces the reuse branch on/off instead of the coin flip.
     """
-    mask_id = model.config.mask_id
+    net: ENAT = getattr(model, "module", model)        # a DeepSpeed engine wraps the ENAT
+    mask_id = net.config.mask_id
     masked_ids, labels, _ = mask_tokens(tokens, mask_id, config, generator)
     coin = _rand((1,), generator, tokens.device)
     if reuse is None:
@@ -135,15 +136,16 @@ def lsimple(model: ENAT, tokens: Tensor, cond: Tensor, ema_model: Optional[ENAT]
             prev = feat_net(prev_ids, cond).state
             feat_net.train(training)
     # the embedder's extra label drop applies to the online model only (the EMA runs in eval mode)
-    cond_online = drop_labels(model, cond, config.class_dropout, generator) if model.training else cond
-    sets = model.token_sets(masked_ids == mask_id, None if prev is None else prev.masking)
-    _, x_m = model.forward_sets(masked_ids, cond_online, sets, prev)
-    # logits for the masked tokens only (the loss ignores visible positions; official computes all L)
-    logits = model.head(x_m).float()                                               # (B, N_mask, K)
-    T = model.num_text_tokens
-    target = labels.gather(1, (sets.masked - T).clamp(min=0))
-    if sets.masked_valid is not None:
-        target = torch.where(sets.masked_valid, target, -1)
+    cond_online = drop_labels(net, cond, config.class_dropout, generator) if net.training else cond
+    # logits for the masked tokens only (the loss ignores visible positions; official computes all L);
+    # through model.__call__ so wrappers' forward hooks (DeepSpeed ZeRO-3) see the whole computation
+    out = model(masked_ids, cond_online, prev=prev, masked_only=True)
+    logits = out.logits.float()                                                    # (B, N_mask, K)
+    if out.masked_index is None:                                                   # baseline NAT: all L
+        target = labels
+    else:
+        target = labels.gather(1, out.masked_index.clamp(min=0))
+        target = torch.where(out.masked_index >= 0, target, -1)
     loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-1,
                            label_smoothing=config.label_smoothing)
     with torch.no_grad():

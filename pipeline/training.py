@@ -1,0 +1,637 @@
+"""Distributed ENAT training: DeepSpeed engines under Ray Train (or a torchrun/deepspeed launcher).
+
+One train loop (`train_loop`) serves both launchers; what differs is a small context object:
+`RayContext` (Ray Train: ranks from the train context, checkpoints reported with `ray.train.report`,
+resume from `ray.train.get_checkpoint()`) and `LocalContext` (torchrun / the `deepspeed` launcher:
+ranks from the environment, checkpoints written to the checkpoint URL through fsspec). Only rank 0 talks
+to MLflow. The recipe defaults are the paper's (enat-facts §5).
+
+Checkpoint layout (one folder per checkpoint, stable names `step_000010000`):
+    <DeepSpeed files>            every rank's engine.save_checkpoint (model + ZeRO optimizer shards)
+    ema.pt                       the EMA weights, plain state dict in the official key layout
+                                 (`ENAT.from_official` loads it for sampling)
+    config.json                  the resolved train config and the model config
+client_state (inside the DeepSpeed files): step, data position, RNG states, MLflow run id.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Literal, Optional
+
+import torch
+
+import enat
+from enat.objective import ObjectiveConfig
+from pipeline import storage
+from pipeline.config import ConfigError, RayConfig, ReaderConfig, StorageConfig, config_to_dict
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainReaderConfig(ReaderConfig):
+    """The token reader with the official training defaults: label/caption drop p_uncond 0.15
+    (official CFGDataset) and a random plain/flipped choice per sample and epoch."""
+
+    p_uncond: float = 0.15
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The architecture: a preset (enat-facts §3) with optional overrides (tiny models for tests).
+
+    seq_len, codebook_size and num_classes come from the token dataset's dataset.json.
+    """
+
+    preset: str = "enat-l"
+    encoder_depth: Optional[int] = None
+    decoder_depth: Optional[int] = None
+    dim: Optional[int] = None
+    num_heads: Optional[int] = None
+    text_dim: Optional[int] = None      # text conditioning (COCO): taken from the dataset when it has text
+
+    def __post_init__(self) -> None:
+        if self.preset not in enat.ENATConfig.presets():
+            raise ValueError(f"preset: unknown ENAT preset {self.preset!r}; known: {', '.join(enat.ENATConfig.presets())}")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """AdamW with linear warmup then constant lr (official: betas 0.99/0.99, wd 0.03 on all params)."""
+
+    lr: float = 4e-4                    # at global batch 2048 (256 px); 1e-4 at 512 for 512 px
+    betas: tuple[float, float] = (0.99, 0.99)
+    weight_decay: float = 0.03
+    eps: float = 1e-8
+    warmup_steps: int = 5000
+    grad_clip: float = 0.0              # 0 = no clipping (official: the grad norm is only logged)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: must lie in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    zero_stage: int = 1                 # 1: ENAT-L fits per GPU and the reuse branch needs full EMA weights
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    micro_batch: Optional[int] = None   # per worker and micro-step; default: global_batch / workers
+    extra: Optional[dict] = None        # merged into the generated DeepSpeed JSON (expert knobs)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch: must be >= 1, got {self.micro_batch}")
+
+
+@dataclass(frozen=True)
+class ScalingSection:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2               # Ray Train restarts lost workers this many times
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    uri: str = "runs/checkpoints"       # storage URL (s3://..., file://..., a path); run_name is appended
+    every: int = 1000                   # steps; also one at the end
+    keep_last: int = 3
+
+
+@dataclass(frozen=True)
+class MLflowSection:
+    tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else a local sqlite store
+    experiment: str = "enat"
+    system_metrics: bool = True
+    grid_every: int = 0                 # steps between sample grids (0: only at the end)
+    grid_classes: tuple[int, ...] = tuple(range(8))
+    peak_tflops: float = 0.0            # per device; MFU is logged when set (e.g. 989 for H100 bf16 dense)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    run_name: str = "enat"
+    global_batch: int = 2048
+    steps: int = 500_000
+    ema_rate: float = 0.9999
+    seed: int = 1234
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.global_batch < 1 or self.steps < 1 or self.log_every < 1:
+            raise ValueError("global_batch, steps and log_every must be >= 1")
+        if not 0 <= self.ema_rate < 1:
+            raise ValueError(f"ema_rate: must lie in [0, 1), got {self.ema_rate}")
+        if not self.run_name or "/" in self.run_name:
+            raise ValueError(f"run_name: must be a non-empty name without '/', got {self.run_name!r}")
+
+
+@dataclass(frozen=True)
+class TrainJobConfig:
+    """`python -m jobs.train --config x.yaml [section.field=value ...]`."""
+
+    data: TrainReaderConfig = field(default_factory=TrainReaderConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    mlflow: MLflowSection = field(default_factory=MLflowSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    launcher: Literal["ray", "torchrun"] = "ray"
+
+    def __post_init__(self) -> None:
+        if not self.data.root:
+            raise ValueError("data.root: the token dataset URL (written by `enat tokenize`) is required")
+        micro, accum = batch_split(self)
+        if micro * accum * self.scaling.num_workers != self.train.global_batch:
+            raise ValueError(
+                f"train.global_batch: {self.train.global_batch} is not micro_batch ({micro}) x gradient "
+                f"accumulation ({accum}) x workers ({self.scaling.num_workers}); pick a global batch "
+                "divisible by the worker count, or set deepspeed.micro_batch to a divisor")
+
+
+def batch_split(cfg: TrainJobConfig) -> tuple[int, int]:
+    """-> (micro batch per worker, gradient accumulation steps) that make up the global batch."""
+    per_worker = cfg.train.global_batch // cfg.scaling.num_workers
+    micro = cfg.deepspeed.micro_batch or per_worker
+    return micro, max(1, per_worker // micro)
+
+
+def deepspeed_config(cfg: TrainJobConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON, generated from the train config (one source of truth)."""
+    micro, accum = batch_split(cfg)
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 10 ** 9,        # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.deepspeed.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.deepspeed.precision == "fp16":
+        # official: fp16 autocast with a dynamic loss scaler (accelerate's GradScaler)
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if cfg.deepspeed.extra:
+        ds = _deep_merge(ds, cfg.deepspeed.extra)
+    return ds
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def official_lr_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """As official: `LambdaLR(min(step / warmup, 1))` stepped with the pre-increment step *after* each
+    update, so update k runs at min(max(k - 1, 0) / warmup, 1) (the first two updates at lr 0)."""
+    return lambda k: 1.0 if warmup_steps <= 0 else min(max(k - 1, 0) / warmup_steps, 1.0)
+
+
+def model_config(cfg: TrainJobConfig, dataset: dict) -> enat.ENATConfig:
+    """The preset with overrides, sized to the token dataset (grid, codebook, classes, text)."""
+    base = enat.ENATConfig.preset(cfg.model.preset)
+    over = {k: v for k, v in asdict(cfg.model).items() if k != "preset" and v is not None}
+    over.update(seq_len=int(dataset["seq_len"]), codebook_size=int(dataset["codebook_size"]))
+    if dataset.get("num_classes"):
+        over["num_classes"] = int(dataset["num_classes"])
+    text = dataset.get("text")
+    if text:
+        over.setdefault("text_dim", int(text["dim"]))
+        over["text_len"] = int(text.get("length", 77))
+    return replace(base, **over)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Contexts: Ray Train vs a plain launcher
+# ----------------------------------------------------------------------------------------------------
+
+
+class RayContext:
+    """Ranks and checkpoints through Ray Train."""
+
+    def __init__(self) -> None:
+        import ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+
+    def restore(self) -> Optional[str]:
+        """A local directory holding the latest reported checkpoint, or None."""
+        import ray.train
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        return ckpt.to_directory()
+
+    def report(self, metrics: dict, ckpt_dir: Optional[str], name: Optional[str]) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+        if ckpt_dir is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir), checkpoint_dir_name=name)
+
+
+class LocalContext:
+    """torchrun / deepspeed launcher: ranks from the environment, checkpoints straight to storage."""
+
+    def __init__(self, cfg: TrainJobConfig) -> None:
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.cfg = cfg
+        self.root = storage.join(cfg.checkpoint.uri, cfg.train.run_name)
+
+    def _fs(self):
+        return storage.filesystem(self.root, self.cfg.storage)
+
+    def restore(self) -> Optional[str]:
+        fs, path = self._fs()
+        storage.invalidate(fs, path)
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in (fs.ls(path, detail=False) if fs.exists(path) else [])
+                       if p.rstrip("/").rsplit("/", 1)[-1].startswith("step_"))
+        complete = [n for n in names if fs.exists(f"{path}/{n}/COMPLETE")]
+        if not complete:
+            return None
+        local = tempfile.mkdtemp(prefix="enat-restore-")
+        fs.get(f"{path}/{complete[-1]}/", local + "/", recursive=True)
+        return local
+
+    def report(self, metrics: dict, ckpt_dir: Optional[str], name: Optional[str]) -> None:
+        if ckpt_dir is None:
+            return
+        import torch.distributed as dist
+        fs, path = self._fs()
+        fs.put(ckpt_dir.rstrip("/") + "/", f"{path}/{name}/", recursive=True)
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:   # a checkpoint counts only once every rank uploaded its files
+            fs.pipe(f"{path}/{name}/COMPLETE", b"")
+            keep = self.cfg.checkpoint.keep_last
+            storage.invalidate(fs, path)
+            old = sorted(p for p in fs.ls(path, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("step_"))
+            for p in old[:-keep] if keep > 0 else []:
+                fs.rm(p, recursive=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The train loop (runs on every worker)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    return {"objective": gen.get_state(), "torch": torch.get_rng_state()}
+
+
+def _flops_per_image(mcfg: enat.ENATConfig) -> float:
+    """Training FLOPs per image (forward + backward ~ 3x forward; the reuse branch adds an EMA forward
+    half of the time), from the linear layers: 2 * params-in-blocks * tokens, plus attention."""
+    D, L = mcfg.dim, mcfg.seq_len + (mcfg.text_len if mcfg.text_conditioned else 0)
+    per_token = 2 * mcfg.depth * (22 * D * D) + 2 * (2 * D * D + D * (mcfg.codebook_size + 1))
+    attn = 2 * mcfg.depth * 2 * L * D
+    fwd = L * (per_token + attn)
+    return 3 * fwd + 0.5 * fwd
+
+
+def train_loop(config: dict) -> None:
+    """Per-worker entry (Ray Train's `train_loop_per_worker`, or called directly under torchrun)."""
+    from pipeline.config import load_config
+    cfg = load_config(TrainJobConfig, config["config"])
+    ctx = LocalContext(cfg) if cfg.launcher == "torchrun" else RayContext()
+    _train(cfg, ctx)
+
+
+def _train(cfg: TrainJobConfig, ctx) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from pipeline.readers import make_reader
+    from pipeline.shards import open_split
+
+    rank, world = ctx.rank, ctx.world_size
+    use_cuda = torch.cuda.is_available() and cfg.scaling.use_gpu
+    device = torch.device(f"cuda:{ctx.local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+
+    dataset = open_split(cfg.data.root, cfg.data.split, cfg.storage).dataset
+    mcfg = model_config(cfg, dataset)
+    micro, accum = batch_split(cfg)
+    torch.manual_seed(cfg.train.seed + rank)
+    model = enat.ENAT(mcfg)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)           # official: ema_update(0) = copy
+    if mcfg.text_conditioned:
+        empty = _empty_context(cfg, dataset)
+        model.set_null_text(empty)
+        ema.set_null_text(empty)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, official_lr_lambda(cfg.optim.warmup_steps))
+    if cfg.deepspeed.zero_stage == 3:
+        # the head reads the tied word embeddings and its bias outside their modules' forward
+        deepspeed.zero.register_external_parameter(model, model.x_embedder.word_embeddings.weight)
+        deepspeed.zero.register_external_parameter(model, model.mlm_layer.bias)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg))
+    ema.to(device)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+
+    step, epoch, epoch_step, run_id = 0, 0, 0, None
+    restore_dir = ctx.restore()
+    if restore_dir is not None:
+        _, client = engine.load_checkpoint(restore_dir, tag="ckpt")
+        ema.load_state_dict(torch.load(os.path.join(restore_dir, "ema.pt"), map_location=device))
+        step, epoch, epoch_step = client["step"], client["epoch"], client["epoch_step"]
+        run_id = client.get("mlflow_run_id")
+        gen.set_state(client["rng"][rank]["objective"] if rank < len(client["rng"]) else gen.get_state())
+        if rank < len(client["rng"]):
+            torch.set_rng_state(client["rng"][rank]["torch"])
+        if rank == 0:
+            print(f"[train] resumed from step {step} (epoch {epoch}, batch {epoch_step})", flush=True)
+
+    tracker = None
+    if rank == 0:
+        tracker = Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.train.run_name,
+                                   run_id=run_id, system_metrics=cfg.mlflow.system_metrics)
+        run_id = tracker.run_id
+        tracker.log_params({**config_to_dict(cfg), "model_config": mcfg.to_dict(),
+                            "deepspeed_config": deepspeed_config(cfg)})
+    # each rank reads its own slice; (epoch, batch) is the whole data position, so resume is exact
+    reader = make_reader(replace(cfg.data, batch_size=micro), rank=rank, world_size=world,
+                         storage_cfg=cfg.storage, epoch=epoch, step=epoch_step * accum)
+    flops_img = _flops_per_image(mcfg)
+    t_last, imgs_since, losses = time.time(), 0, []
+    ckpt_name, micro_i = None, 0
+    while step < cfg.train.steps:
+        for batch in reader:
+            tokens = batch["tokens"].to(device, non_blocking=True)
+            cond = batch["context"].to(device) if mcfg.text_conditioned else batch["label"].to(device)
+            engine.train()
+            loss, metrics = enat.lsimple(engine, tokens, cond, ema, cfg.objective, gen)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            micro_i += 1
+            imgs_since += tokens.shape[0] * world
+            if micro_i % accum:
+                continue
+            step += 1
+            epoch, epoch_step = reader.epoch, reader.step // accum
+            _ema_update(engine, ema, cfg.train.ema_rate, cfg.deepspeed.zero_stage)
+            last = step >= cfg.train.steps
+            if step % cfg.train.log_every == 0 or last:
+                dt = time.time() - t_last
+                loss_v = torch.stack(losses).mean()
+                if dist.is_initialized():
+                    dist.all_reduce(loss_v)
+                    loss_v /= world
+                m = {"loss": loss_v.item(), "lr": float(engine.get_lr()[0]), "img_per_s": imgs_since / dt,
+                     "tokens_per_s": imgs_since * mcfg.seq_len / dt, "epoch": float(epoch),
+                     "mask_acc": metrics["mask_acc"].item(),
+                     "tflops_per_device": flops_img * imgs_since / dt / world / 1e12}
+                gn = engine.get_global_grad_norm()
+                if gn is not None:
+                    m["grad_norm"] = float(gn)
+                if cfg.mlflow.peak_tflops:
+                    m["mfu"] = m["tflops_per_device"] / cfg.mlflow.peak_tflops
+                if use_cuda:
+                    m["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                if tracker:
+                    tracker.log_metrics(m, step)
+                    print(f"[train] step {step}/{cfg.train.steps} " + " ".join(
+                        f"{k} {v:.4g}" for k, v in m.items()), flush=True)
+                t_last, imgs_since, losses = time.time(), 0, []
+            if tracker and cfg.mlflow.grid_every and (step % cfg.mlflow.grid_every == 0 or last):
+                _log_grid(tracker, ema, mcfg, cfg, dataset, step)
+            if step % cfg.checkpoint.every == 0 or last:
+                ckpt_name = f"step_{step:09d}"
+                _save(engine, ema, ctx, cfg, mcfg, step, epoch, epoch_step, gen, run_id, ckpt_name, {"step": step})
+            if last:
+                break
+    if tracker:
+        if not cfg.mlflow.grid_every:
+            _log_grid(tracker, ema, mcfg, cfg, dataset, step)
+        final = storage.join(cfg.checkpoint.uri, cfg.train.run_name, ckpt_name or "", "ema.pt")
+        tracker.set_tags({"final_ema_checkpoint": storage.redact(final), "final_step": str(step)})
+        tracker.end()
+
+
+def _empty_context(cfg: TrainJobConfig, dataset: dict) -> torch.Tensor:
+    import io
+    import numpy as np
+    name = dataset["text"].get("empty_context", "empty_context.npy")
+    fs, path = storage.filesystem(storage.join(cfg.data.root, name), cfg.storage)
+    return torch.from_numpy(np.load(io.BytesIO(fs.cat_file(path))).astype("float32"))
+
+
+def _ema_update(engine, ema: enat.ENAT, rate: float, zero_stage: int) -> None:
+    """EMA as a plain module on every rank (DeepSpeed has none); under ZeRO-3 gather the weights first.
+    With bf16/fp16 engines the module holds low-precision weights; the EMA stays float32."""
+    params = list(engine.module.parameters())
+    if zero_stage == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(params):
+            enat.ema_update(ema, engine.module, rate)
+    else:
+        enat.ema_update(ema, engine.module, rate)
+
+
+def _save(engine, ema, ctx, cfg: TrainJobConfig, mcfg, step, epoch, epoch_step, gen, run_id, name, metrics) -> None:
+    """Every rank: DeepSpeed checkpoint into a fresh local dir, then report it (Ray merges the ranks' files)."""
+    import torch.distributed as dist
+    rngs = [None] * ctx.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, _rng_state(gen))
+    else:
+        rngs = [_rng_state(gen)]
+    d = tempfile.mkdtemp(prefix=f"enat-{name}-")
+    client = {"step": step, "epoch": epoch, "epoch_step": epoch_step, "rng": rngs, "mlflow_run_id": run_id}
+    engine.save_checkpoint(d, tag="ckpt", client_state=client)
+    if ctx.rank == 0:
+        torch.save(ema.state_dict(), os.path.join(d, "ema.pt"))
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump({"train": config_to_dict(cfg), "model": mcfg.to_dict(), "step": step}, f, indent=2)
+    if dist.is_initialized():
+        dist.barrier()
+    ctx.report(metrics, d, name)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@torch.no_grad()
+def _log_grid(tracker, ema: enat.ENAT, mcfg: enat.ENATConfig, cfg: TrainJobConfig, dataset: dict, step: int) -> None:
+    """A sample grid from the EMA model, decoded through the dataset's tokenizer (class models)."""
+    if mcfg.text_conditioned:
+        return
+    try:
+        tok = _dataset_tokenizer(cfg, dataset)
+    except Exception as e:   # a grid is a convenience: never fail training over it
+        print(f"[train] no sample grid: {e}", flush=True)
+        return
+    device = next(ema.parameters()).device
+    classes = [c for c in cfg.mlflow.grid_classes if c < mcfg.num_classes] or [0]
+    labels = torch.tensor(classes, device=device).repeat_interleave(4)
+    toks = enat.generate(ema, labels, enat.SamplerConfig(), generator=torch.Generator(device).manual_seed(0))
+    g = mcfg.grid
+    imgs = tok.to(device).decode(toks.view(-1, g, g)).clamp(0, 1).cpu()
+    tracker.log_image_grid(imgs, nrow=4, key="samples", step=step)
+
+
+def _dataset_tokenizer(cfg: TrainJobConfig, dataset: dict):
+    from pipeline.config import TokenizerConfig
+    from pipeline.tokenize import build_tokenizer
+    t = dataset["tokenizer"]
+    tcfg = TokenizerConfig(kind=t["kind"], weights=t.get("weights"), preset=t.get("preset") or "mage-f16",
+                           seed=t.get("seed") or 0)
+    return build_tokenizer(tcfg, cfg.storage)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launching
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_ray(cfg: TrainJobConfig) -> Any:
+    """Run training under Ray Train; returns Ray's Result. Resumes automatically from the latest
+    checkpoint of the same run name in storage, and restarts lost workers (`scaling.max_failures`)."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.tokenize import worker_env
+    fs, path = storage.filesystem(cfg.checkpoint.uri, cfg.storage)
+    storage_fs = None
+    if not storage.is_local(fs):
+        import pyarrow.fs as pafs
+        storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    else:
+        path = os.path.abspath(path)
+    env = {**worker_env()}
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config_to_dict(cfg)},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.train.run_name, storage_path=path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last or None),
+                             worker_runtime_env={"env_vars": env}),
+    )
+    return trainer.fit()
+
+
+# ----------------------------------------------------------------------------------------------------
+# MLflow (rank 0 only)
+# ----------------------------------------------------------------------------------------------------
+
+
+def default_tracking_uri(uri: Optional[str] = None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a local sqlite store `./mlruns.db`."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlruns.db')}"
+
+
+class Tracker:
+    """One MLflow run per training job; a resumed job (same run id) appends to the same run."""
+
+    def __init__(self, tracking_uri: Optional[str], experiment: str, run_name: str, run_id: Optional[str] = None,
+                 system_metrics: bool = True, tags: Optional[dict] = None, parent_run_id: Optional[str] = None):
+        import mlflow
+        self.mlflow = mlflow
+        uri = default_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(uri)
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            # a local sqlite store keeps artifacts beside the database, not in each worker's cwd
+            loc = None
+            if uri.startswith("sqlite:///"):
+                loc = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]) or ".", "mlartifacts")
+            try:
+                mlflow.create_experiment(experiment, artifact_location=loc)
+            except mlflow.exceptions.MlflowException:
+                pass                                  # created concurrently by another job
+            exp = mlflow.get_experiment_by_name(experiment)
+        mlflow.set_experiment(experiment_id=exp.experiment_id)
+        self.client = mlflow.MlflowClient()
+        if run_id is None:
+            # a re-submitted job with the same run name reattaches to its unfinished run
+            found = self.client.search_runs([exp.experiment_id], f"tags.enat_run_name = '{run_name}'",
+                                            max_results=1, order_by=["attributes.start_time DESC"])
+            run_id = found[0].info.run_id if found else None
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, experiment_id=exp.experiment_id,
+                               log_system_metrics=system_metrics, parent_run_id=parent_run_id,
+                               tags=None if run_id else {"enat_run_name": run_name, **(tags or {})})
+        self.run_id = run.info.run_id
+        self._params_logged = run_id is not None and bool(self.client.get_run(self.run_id).data.params)
+
+    def log_params(self, params: dict) -> None:
+        if self._params_logged:
+            return
+        flat = _flatten(params)
+        self.mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+        self._params_logged = True
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: dict) -> None:
+        self.mlflow.set_tags(tags)
+
+    def log_image_grid(self, images: torch.Tensor, nrow: int, key: str, step: int) -> None:
+        """images (N, 3, H, W) in [0, 1] -> one grid image, logged step-indexed under `key`."""
+        import numpy as np
+        n, _, h, w = images.shape
+        rows = -(-n // nrow)
+        grid = torch.ones(3, rows * (h + 2), nrow * (w + 2))
+        for i in range(n):
+            r, c = divmod(i, nrow)
+            grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = images[i]
+        arr = (grid.permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+        scale = max(1, 256 // max(arr.shape[:2]))
+        arr = np.repeat(np.repeat(arr, scale, 0), scale, 1)
+        self.mlflow.log_image(arr, key=key, step=step)
+        self.mlflow.log_image(arr, artifact_file=f"{key}/latest.png")
+
+    def end(self) -> None:
+        self.mlflow.end_run()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
