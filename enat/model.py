@@ -198,7 +198,7 @@ class SCAttention(nn.Module):
         B, N, D = x.shape
         H = self.num_heads
         kv = self.kv.B(x)
-        if ctx is not None and ctx.shape[1]:
+        if ctx is not None:
             kv = torch.cat([self.kv.A(ctx), kv], dim=1)                  # (B, Nc + N, 2D)
         Nk = kv.shape[1]
         q = self.q(x).view(B, N, H, D // H).transpose(1, 2)              # (B, H, N, hd)
@@ -233,7 +233,7 @@ class Block(nn.Module):
          shift_mlp, scale_mlp, gate_mlp) = mod.chunk(8, dim=1)
         x_mod = modulate(self.norm1(x), shift_msa, scale_msa)
         ctx_mod = None
-        if ctx is not None and ctx.shape[1]:
+        if ctx is not None:
             ctx_mod = modulate(self.norm1_(ctx), shift_ctx, scale_ctx)
         # x + gate * f(x) as one fused op
         x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(x_mod, ctx_mod, key_valid))
@@ -480,10 +480,10 @@ class ENAT(nn.Module):
         """Encoder + decoder over given index sets -> (feat (B, S, D), decoded [MASK] features (B, Nm, D))."""
         x, c = self.embed_tokens(ids, cond)
         old_feat = None
-        if sets.old.shape[1]:
-            if prev is None:
-                raise ValueError("token sets with previously visible tokens need `prev`")
-            old_feat = _gather(prev.feat, sets.old)
+        if prev is not None:
+            old_feat = _gather(prev.feat, sets.old)                  # may be empty; still goes through prev_proj
+        elif sets.old.shape[1]:
+            raise ValueError("token sets with previously visible tokens need `prev`")
         vis, x_m = self.run_blocks(x, c, sets, old_feat)
         # restore positions; padded entries go to a dummy slot S that is cut off
         B, S, D = x.shape
@@ -511,23 +511,24 @@ class ENAT(nn.Module):
             raise ValueError("run_blocks: old_feat must hold the features of every entry of sets.old")
         if mods is None:
             mods = [b.adaLN_modulation(c) for b in self.blocks]
+        # Empty sets still run through their layers (zero-size ops): the autograd graph then has the
+        # same structure whatever the token counts, which distributed gradient reduction relies on
+        # (DeepSpeed reduces gradients in the order they become ready).
         ctx = None
-        if old_feat is not None and old_feat.shape[1]:
+        if old_feat is not None:
             # the stop-gradient on reused features (official: prev_dict['feat'].detach())
             ctx = self.prev_proj(old_feat.detach()).to(x.dtype)                     # (B, N_old, D)
         enc_valid = _cat_valid(sets.old_valid, sets.new_valid, sets.old, sets.new)
         x_new = _gather(x, sets.new)                                                  # (B, N_new, D)
-        if x_new.shape[1]:
-            for blk, mod in zip(self.blocks[:NE], mods[:NE]):
-                x_new = blk(x_new, mod, ctx, enc_valid if ctx is not None else sets.new_valid)
+        for blk, mod in zip(self.blocks[:NE], mods[:NE]):
+            x_new = blk(x_new, mod, ctx, enc_valid if ctx is not None else sets.new_valid)
         # the fully encoded visible set: reused (projected) old features and the new encoder outputs
         vis = x_new if ctx is None else torch.cat([ctx, x_new], dim=1)
         vis_valid = enc_valid if ctx is not None else sets.new_valid
         x_m = _gather(x, sets.masked)                                                 # (B, N_mask, D)
-        if x_m.shape[1]:
-            key_valid = _cat_valid(vis_valid, sets.masked_valid, vis[..., 0], sets.masked)
-            for blk, mod in zip(self.blocks[NE:], mods[NE:]):
-                x_m = blk(x_m, mod, vis, key_valid)
+        key_valid = _cat_valid(vis_valid, sets.masked_valid, vis[..., 0], sets.masked)
+        for blk, mod in zip(self.blocks[NE:], mods[NE:]):
+            x_m = blk(x_m, mod, vis, key_valid)
         return vis, x_m
 
     def head(self, h: Tensor) -> Tensor:

@@ -308,8 +308,8 @@ class LocalContext:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _rng_state(gen: torch.Generator) -> dict:
-    return {"objective": gen.get_state(), "torch": torch.get_rng_state()}
+def _rng_state(gen: torch.Generator, shared: torch.Generator) -> dict:
+    return {"objective": gen.get_state(), "shared": shared.get_state(), "torch": torch.get_rng_state()}
 
 
 def _flops_per_image(mcfg: enat.ENATConfig) -> float:
@@ -365,7 +365,8 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg))
     ema.to(device)
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)      # masks: per rank
+    shared_gen = torch.Generator().manual_seed(cfg.train.seed)              # reuse coin: same on all ranks
 
     step, epoch, epoch_step, run_id = 0, 0, 0, None
     restore_dir = ctx.restore()
@@ -374,9 +375,10 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
         ema.load_state_dict(torch.load(os.path.join(restore_dir, "ema.pt"), map_location=device))
         step, epoch, epoch_step = client["step"], client["epoch"], client["epoch_step"]
         run_id = client.get("mlflow_run_id")
-        gen.set_state(client["rng"][rank]["objective"] if rank < len(client["rng"]) else gen.get_state())
         if rank < len(client["rng"]):
+            gen.set_state(client["rng"][rank]["objective"])
             torch.set_rng_state(client["rng"][rank]["torch"])
+        shared_gen.set_state(client["rng"][0]["shared"])
         if rank == 0:
             print(f"[train] resumed from step {step} (epoch {epoch}, batch {epoch_step})", flush=True)
 
@@ -398,7 +400,11 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
             tokens = batch["tokens"].to(device, non_blocking=True)
             cond = batch["context"].to(device) if mcfg.text_conditioned else batch["label"].to(device)
             engine.train()
-            loss, metrics = enat.lsimple(engine, tokens, cond, ema, cfg.objective, gen)
+            # differs from official (one coin per process): all ranks take the reuse branch together.
+            # DeepSpeed ZeRO reduces gradients in buckets in the order they become ready, so every
+            # rank must run the same graph (the official DDP has static buckets).
+            reuse = bool(torch.rand(1, generator=shared_gen).item() < cfg.objective.reuse_prob)
+            loss, metrics = enat.lsimple(engine, tokens, cond, ema, cfg.objective, gen, reuse=reuse)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
@@ -436,7 +442,8 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
                 _log_grid(tracker, ema, mcfg, cfg, dataset, step)
             if step % cfg.checkpoint.every == 0 or last:
                 ckpt_name = f"step_{step:09d}"
-                _save(engine, ema, ctx, cfg, mcfg, step, epoch, epoch_step, gen, run_id, ckpt_name, {"step": step})
+                _save(engine, ema, ctx, cfg, mcfg, step, epoch, epoch_step, (gen, shared_gen), run_id, ckpt_name,
+                      {"step": step})
             if last:
                 break
     if tracker:
@@ -467,14 +474,14 @@ def _ema_update(engine, ema: enat.ENAT, rate: float, zero_stage: int) -> None:
         enat.ema_update(ema, engine.module, rate)
 
 
-def _save(engine, ema, ctx, cfg: TrainJobConfig, mcfg, step, epoch, epoch_step, gen, run_id, name, metrics) -> None:
+def _save(engine, ema, ctx, cfg: TrainJobConfig, mcfg, step, epoch, epoch_step, gens, run_id, name, metrics) -> None:
     """Every rank: DeepSpeed checkpoint into a fresh local dir, then report it (Ray merges the ranks' files)."""
     import torch.distributed as dist
     rngs = [None] * ctx.world_size
     if dist.is_initialized():
-        dist.all_gather_object(rngs, _rng_state(gen))
+        dist.all_gather_object(rngs, _rng_state(*gens))
     else:
-        rngs = [_rng_state(gen)]
+        rngs = [_rng_state(*gens)]
     d = tempfile.mkdtemp(prefix=f"enat-{name}-")
     client = {"step": step, "epoch": epoch, "epoch_step": epoch_step, "rng": rngs, "mlflow_run_id": run_id}
     engine.save_checkpoint(d, tag="ckpt", client_state=client)

@@ -247,3 +247,25 @@ def test_text_conditioning_shares_the_code_path():
         m(ids, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="class-conditional"):
         random_model(tiny_config()).set_null_text(null)
+
+
+def test_graph_structure_independent_of_token_counts():
+    """Empty token sets still run through their layers, so the same parameters get gradients whatever
+    the counts (distributed gradient reduction needs the same graph on every rank)."""
+    cfg = tiny_config()
+    m = random_model(cfg).train()
+
+    def grads(ids_prev, ids_cur):
+        m.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            prev = m(ids_prev, torch.tensor([1, 2])).state
+        m(ids_cur, torch.tensor([1, 2]), prev=prev).logits.sum().backward()
+        return {n for n, p in m.named_parameters() if p.grad is not None}
+    x = torch.randint(0, cfg.codebook_size, (2, cfg.seq_len))
+    M = cfg.mask_id
+    ids = lambda n: torch.where(torch.arange(cfg.seq_len) < n, M, x)   # noqa: E731  first n masked
+    both = grads(ids(10), ids(6))          # old and new tokens
+    no_old = grads(ids(16), ids(6))        # previous step all [MASK]: no old visible token
+    no_new = grads(ids(6), ids(6))         # nothing newly revealed
+    assert both == no_old == no_new
+    assert any(n.startswith("prev_proj") for n in both)
