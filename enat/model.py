@@ -150,6 +150,38 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
+# CPU inference GEMMs through oneDNN instead of the default BLAS: on CPUs where the bundled MKL takes a
+# slow code path (measured 2x on an AMD EPYC, docs/benchmarks.md) this doubles fp32 matmul throughput,
+# and it fuses the GELU into the matmul. Same math (fp32 accumulation, different summation order);
+# used only for float32 CPU tensors without autograd and outside autocast. `set_cpu_gemm("default")`
+# turns it off.
+_ONEDNN = bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+_CPU_GEMM = {"backend": "onednn" if _ONEDNN else "default"}
+
+
+def set_cpu_gemm(backend: str) -> None:
+    """'onednn' (default where available) or 'default' (torch's BLAS) for CPU float32 inference."""
+    if backend not in ("onednn", "default"):
+        raise ValueError(f"cpu gemm backend must be 'onednn' or 'default', got {backend!r}")
+    if backend == "onednn" and not _ONEDNN:
+        raise ValueError("this torch build has no oneDNN (mkldnn) linear kernels")
+    _CPU_GEMM["backend"] = backend
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: Optional[str] = None) -> Tensor:
+    """F.linear (+ GELU: gelu='tanh' or 'none' for the exact one), via oneDNN on CPU inference."""
+    if (_CPU_GEMM["backend"] == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], gelu or "")
+    y = F.linear(x, weight, bias)
+    return y if gelu is None else F.gelu(y, approximate=gelu)
+
+
+def _lin(layer: nn.Linear, x: Tensor, gelu: Optional[str] = None) -> Tensor:
+    return linear(x, layer.weight, layer.bias, gelu)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -157,7 +189,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return _lin(self.fc2, _lin(self.fc1, x, gelu="tanh"))
 
 
 class PrevProj(nn.Module):
@@ -197,11 +229,11 @@ class SCAttention(nn.Module):
         # key_valid: (B, Nc + N) bool or None (None = every key is real)
         B, N, D = x.shape
         H = self.num_heads
-        kv = self.kv.B(x)
+        kv = _lin(self.kv.B, x)
         if ctx is not None:
-            kv = torch.cat([self.kv.A(ctx), kv], dim=1)                  # (B, Nc + N, 2D)
+            kv = torch.cat([_lin(self.kv.A, ctx), kv], dim=1)           # (B, Nc + N, 2D)
         Nk = kv.shape[1]
-        q = self.q(x).view(B, N, H, D // H).transpose(1, 2)              # (B, H, N, hd)
+        q = _lin(self.q, x).view(B, N, H, D // H).transpose(1, 2)        # (B, H, N, hd)
         k, v = kv.view(B, Nk, 2, H, D // H).permute(2, 0, 3, 1, 4)       # 2 x (B, H, Nk, hd)
         mask = None if key_valid is None else key_valid[:, None, None, :]
         if self.impl == "math":
@@ -211,7 +243,7 @@ class SCAttention(nn.Module):
             out = attn.softmax(dim=-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        return _lin(self.proj, out.transpose(1, 2).reshape(B, N, D))
 
 
 class Block(nn.Module):
@@ -534,12 +566,12 @@ class ENAT(nn.Module):
     def head(self, h: Tensor) -> Tensor:
         """Final norm + MLM head: features (..., D) before the final norm -> logits (..., codebook_size)."""
         m = self.mlm_layer
-        h = m.ln(F.gelu(m.fc(self.norm(h))))
+        h = m.ln(_lin(m.fc, self.norm(h), gelu="none"))
         K = self.config.codebook_size
         # tied, detached word embeddings (official: word_embeddings.weight.data.detach()); only the
         # first K rows are used, which equals computing all K+1 logits and slicing them (official).
         w = self.x_embedder.word_embeddings.weight.detach()[:K]
-        return F.linear(h, w.to(h.dtype), m.bias[0, 0, :K].to(h.dtype))
+        return linear(h, w.to(h.dtype), m.bias[0, 0, :K].to(h.dtype))
 
     def _forward_uniform(self, ids: Tensor, cond: Tensor, masking: Tensor) -> ENATOutput:
         """Baseline NAT: all tokens through every block with plain self-attention (no reuse)."""

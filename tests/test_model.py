@@ -269,3 +269,29 @@ def test_graph_structure_independent_of_token_counts():
     no_new = grads(ids(6), ids(6))         # nothing newly revealed
     assert both == no_old == no_new
     assert any(n.startswith("prev_proj") for n in both)
+
+
+def test_onednn_cpu_gemm_matches_default_blas():
+    from enat.model import _ONEDNN, set_cpu_gemm
+    if not _ONEDNN:
+        pytest.skip("torch built without oneDNN")
+    cfg = tiny_config(dim=64, num_heads=4)
+    m = random_model(cfg, std=0.05)
+    ids = torch.randint(0, cfg.codebook_size, (3, cfg.seq_len))
+    ids[:, :7] = cfg.mask_id
+    y = torch.tensor([1, 2, cfg.null_class])
+    try:
+        set_cpu_gemm("default")
+        with torch.no_grad():
+            ref = m(ids, y)
+            ref2 = m(ids, y, prev=ref.state)
+        set_cpu_gemm("onednn")
+        with torch.no_grad():
+            out = m(ids, y)
+            out2 = m(ids, y, prev=out.state)
+    finally:
+        set_cpu_gemm("onednn")
+    for a, b in ((out.logits, ref.logits), (out2.logits, ref2.logits), (out.state.feat, ref.state.feat)):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+    with pytest.raises(ValueError, match="backend"):
+        set_cpu_gemm("mkl")
