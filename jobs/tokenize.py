@@ -1,0 +1,61 @@
+"""Tokenize a dataset into webdataset token shards: ``python -m jobs.tokenize --config x.yaml [overrides]``.
+
+Locally this starts an embedded Ray on 127.0.0.1; under ``ray job submit`` (RAY_ADDRESS set) it
+joins the cluster::
+
+    python -m jobs.tokenize --config tokenize.yaml tokenize.batch_size=64
+    python -m jobs.tokenize --preset imagenet-256 source.root=s3://data/imagenet tokenize.out=s3://tok/in256 \\
+        tokenizer.weights=s3://weights/vqgan_jax_strongaug.ckpt tokenize.encode_actors=8 tokenize.actor_num_gpus=1
+    ray job submit --working-dir . -- python -m jobs.tokenize --config tokenize.yaml
+
+Rerunning the same command resumes: committed shards are skipped. The resolved config is printed
+first and recorded in ``{out}/dataset.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Optional, Sequence
+
+from pipeline.config import TOKENIZE_PRESETS, TokenizeJobConfig, dump_config, load_config, merge_dicts
+from pipeline.storage import redact
+from pipeline.tokenize import init_ray, run_tokenize
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TokenizeJobConfig:
+    p = argparse.ArgumentParser(prog="python -m jobs.tokenize", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML file holding a TokenizeJobConfig")
+    p.add_argument("--preset", choices=sorted(TOKENIZE_PRESETS), help="start from a named preset")
+    p.add_argument("overrides", nargs="*", help="section.field=value (a leading -- is accepted)")
+    args, extra = p.parse_known_args(argv)
+    unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    base: dict[str, Any] = dict(TOKENIZE_PRESETS[args.preset]) if args.preset else {}
+    if args.config:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as f:
+            base = merge_dicts(base, yaml.safe_load(f) or {})
+    return load_config(TokenizeJobConfig, base, list(args.overrides) + extra)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the job; returns the summary (read / written / converted / rejected per split)."""
+    cfg = parse_args(argv)
+    print("[tokenize] config:\n" + redact(dump_config(cfg)), flush=True)
+    started = init_ray(cfg.ray)
+    try:
+        summary = run_tokenize(cfg, log=lambda m: print(m, flush=True))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print("[tokenize] summary: " + redact(json.dumps(summary)), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,402 @@
+"""The tokenize job end to end on a real local Ray: ImageNet-layout and COCO inputs full of bad
+records, determinism, kill-and-resume, and an S3 round trip against a moto server."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline import shards, storage
+from pipeline.config import ConfigError, TokenizeJobConfig, dump_config, load_config
+
+RES = 32  # 32 px crops, 8 px patches → 4 x 4 = 16 tokens per image
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def patch_tokenizer(tmp_path_factory):
+    """A small PatchVQ fitted on random crops, saved as a state dict; returns (path, tokenizer)."""
+    from enat.patch_vq import PatchVQ
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 3, RES, RES, generator=g)
+    tok = PatchVQ.fit(images, codebook_size=32, patch=8, iters=5, seed=0)
+    path = tmp_path_factory.mktemp("tok") / "patch_vq.pt"
+    torch.save(tok.state_dict(), path)
+    return path, PatchVQ.from_state_dict(str(path))
+
+
+def _config(src_root, out, weights, **over) -> dict:
+    cfg = {"source": {"kind": "imagefolder", "root": str(src_root), "splits": ["train"]},
+           "image": {"resolution": RES},
+           "tokenizer": {"kind": "patch", "weights": str(weights)},
+           "tokenize": {"out": str(out), "samples_per_shard": 5, "rows_per_entry": 2, "batch_size": 4,
+                        "actor_num_cpus": 0.5, "decode_num_cpus": 1.0, "progress": True}}
+    for k, v in over.items():
+        sec, name = k.split("__")
+        cfg.setdefault(sec, {})[name] = v
+    return cfg
+
+
+def _run(cfg: dict, tmp_path: Path, *extra: str) -> dict:
+    from jobs.tokenize import main
+
+    path = tmp_path / f"cfg-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return main(["--config", str(path), *extra])
+
+
+def _tars(out: Path, split: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / split).glob("*.tar"))}
+
+
+def _expected_crop(path: Path) -> np.ndarray:
+    from pipeline.images import decode_and_crop
+
+    d = decode_and_crop(path.read_bytes(), RES)
+    assert d.ok, d
+    return d.array
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_config_loader_names_bad_fields(tmp_path):
+    base = {"source": {"root": "/data"}, "tokenize": {"out": "/out"}}
+    cfg = load_config(TokenizeJobConfig, base, ["tokenize.batch_size=64", "--source.splits=[train, val]",
+                                                "storage.endpoint_url=http://127.0.0.1:9000", "ray.num_cpus=null"])
+    assert cfg.tokenize.batch_size == 64 and cfg.source.splits == ("train", "val")
+    assert cfg.storage.endpoint_url == "http://127.0.0.1:9000"
+    assert load_config(TokenizeJobConfig, yaml.safe_load(dump_config(cfg))) == cfg
+    cases = [
+        (["tokenize.batchsize=3"], "tokenize.batchsize"),
+        (["tokenize.batch_size=abc"], "tokenize.batch_size"),
+        (["tokenize.batch_size=1.5"], "tokenize.batch_size"),
+        (["image.resolution=true"], "image.resolution"),
+        (["tokenize.flips=sometimes"], "tokenize.flips"),
+        (["nosection.x=1"], "nosection"),
+        (["tokenize.batch_size=0"], "batch_size"),
+    ]
+    for overrides, field in cases:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_config(TokenizeJobConfig, base, overrides)
+    with pytest.raises(ConfigError, match=r"source\.colour"):
+        load_config(TokenizeJobConfig, {**base, "source": {"root": "/d", "colour": 1}})
+    with pytest.raises(ConfigError, match=r"source\.root"):
+        load_config(TokenizeJobConfig, {"tokenize": {"out": "/o"}})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(base))
+    assert load_config(TokenizeJobConfig, p).source.root == "/data"
+
+
+# ---------------------------------------------------------------------------------------------------
+# ImageNet layout
+
+
+def test_imagenet_layout_end_to_end(ray_local, image_folder, make_folder, patch_tokenizer, tmp_path, capsys):
+    weights, tok = patch_tokenizer
+    make_folder(image_folder.root, split="val", per_class=2, bad=False, seed=1)
+    out = tmp_path / "out"
+    cfg = _config(image_folder.root, out, weights, source__splits=["train", "val"])
+    summary = _run(cfg, tmp_path)
+    printed = capsys.readouterr()
+    assert "[tokenize] train: read" in printed.out and "rejected" in printed.out
+
+    # --- counts: nothing vanishes
+    files = image_folder.files
+    s = summary["splits"]["train"]
+    expected_rejects = {rel: r for rel, r in files.items() if r is not None}
+    assert s["read"] == len(files)
+    assert s["rejected"] == len(expected_rejects)
+    assert s["written"] == len(files) - len(expected_rejects)
+    assert s["converted"] == len(image_folder.converted)
+    assert s["read"] == s["written"] + s["rejected"]
+
+    # --- rejects.parquet: every bad input, with its reason
+    rej = pq.read_table(out / "train" / "rejects.parquet").to_pylist()
+    assert {r["path"]: r["reason"] for r in rej} == expected_rejects
+    assert all(r["detail"] for r in rej)
+
+    # --- manifest: one row per shard, hashes and counts match the tars
+    man = pq.read_table(out / "train" / "manifest.parquet").to_pylist()
+    tars = _tars(out, "train")
+    assert [m["name"] for m in man] == sorted(tars)
+    for m in man:
+        assert shards.sha256(tars[m["name"]]) == m["sha256"] and m["bytes"] == len(tars[m["name"]])
+    assert sum(m["samples"] for m in man) == s["written"]
+
+    # --- rows: official order and labels, tokens == the tokenizer on the official crop (+ flip)
+    rows = shards.Rows.concat([shards.read_shard_bytes(tars[m["name"]]) for m in man])
+    kept = sorted((rel for rel, r in files.items() if r is None), key=lambda p: p.split("/"))
+    assert rows.paths == kept
+    assert rows.keys == [p.split("/", 1)[1].rsplit(".", 1)[0] for p in kept]
+    assert list(rows.index) == sorted(rows.index) and len(set(rows.index)) == len(rows.index)
+    classes = image_folder.classes
+    assert list(rows.cls) == [classes.index(p.split("/")[1]) for p in kept]
+    crops = np.stack([_expected_crop(image_folder.root / p) for p in kept])
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    np.testing.assert_array_equal(rows.tokens, tok.encode(x).reshape(len(kept), -1).numpy())
+    np.testing.assert_array_equal(rows.tokens_flip, tok.encode(x.flip(-1)).reshape(len(kept), -1).numpy())
+    assert rows.tokens.shape == (len(kept), (RES // 8) ** 2)
+
+    # --- val: own manifest, no flips, same label map
+    val = shards.Rows.concat([shards.read_shard_bytes(b) for b in _tars(out, "val").values()])
+    assert val.tokens_flip is None and len(val) == 6
+    assert summary["splits"]["val"]["rejected"] == 0
+
+    # --- dataset.json
+    ds = json.loads((out / "dataset.json").read_text())
+    assert ds["classes"] == classes and ds["num_classes"] == 3
+    assert ds["label_map"] == {c: i for i, c in enumerate(classes)}
+    assert ds["resolution"] == RES and ds["grid"] == [4, 4] and ds["seq_len"] == 16
+    assert ds["codebook_size"] == 32 == ds["tokenizer"]["codebook_size"]
+    import hashlib
+
+    assert ds["tokenizer"]["weights_sha256"] == hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    assert ds["splits"]["train"]["samples"] == s["written"] and ds["splits"]["train"]["flips"] is True
+    assert ds["splits"]["val"]["flips"] is False
+    n = len(man)
+    assert ds["splits"]["train"]["pattern"] == f"train-{{000000..{n - 1:06d}}}.tar"
+    assert ds["created"] and "git" in ds["code_version"] and ds["config"]["image"]["resolution"] == RES
+
+    # --- rerun: every shard is skipped and nothing changes
+    manifest_bytes = (out / "train" / "manifest.parquet").read_bytes()
+    again = _run(cfg, tmp_path)
+    assert again["splits"]["train"]["skipped_shards"] == n
+    assert _tars(out, "train") == tars
+    assert (out / "train" / "manifest.parquet").read_bytes() == manifest_bytes
+
+    # --- a different tokenizer into the same output is refused, naming the fix
+    other = tmp_path / "other.pt"
+    sd = torch.load(weights)
+    sd = {k: (v + 1 if v.is_floating_point() else v) for k, v in sd.items()}
+    torch.save(sd, other)
+    with pytest.raises(ConfigError, match="overwrite"):
+        _run(_config(image_folder.root, out, other), tmp_path)
+
+
+def test_sixteen_bit_is_rescaled_not_clipped():
+    """PIL's convert("RGB") clips 16-bit values at 255; the pipeline scales to 8 bits."""
+    import io
+
+    from pipeline.images import decode_and_crop
+
+    arr = np.full((40, 40), 30000, np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    d = decode_and_crop(buf.getvalue(), 32)
+    assert d.converted_from == "I;16" and int(d.array.mean()) == 30000 >> 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kill midway, rerun: nothing missing, nothing duplicated, same bytes as an uninterrupted run
+
+
+def test_kill_midway_then_rerun_is_complete_and_identical(ray_local, make_folder, patch_tokenizer, tmp_path,
+                                                          subprocess_env):
+    weights, _ = patch_tokenizer
+    data = make_folder(tmp_path / "src", per_class=10, bad=False, seed=3)
+    n_images = len(data.files)
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    base = _config(data.root, ref_out, weights, tokenize__samples_per_shard=2)
+    _run(base, tmp_path)  # the uninterrupted reference
+
+    cfg = _config(data.root, out, weights, tokenize__samples_per_shard=2, tokenize__throttle_s=0.4,
+                  tokenize__progress=False, ray__num_cpus=2, ray__object_store_memory=100 * 2**20)
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = subprocess_env
+    log = open(tmp_path / "killed.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.tokenize", "--config", str(path)], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    parts = out / "train" / "_parts"
+    deadline = time.time() + 120
+    try:
+        while len(list(parts.glob("*.json"))) < 2:
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no shard committed in time"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    committed = len(list(parts.glob("*.json")))
+    n_shards = -(-n_images // 2)
+    assert 2 <= committed < n_shards, committed
+    assert not (out / "train" / "manifest.parquet").exists()  # readers see no dataset yet
+    assert not (out / "dataset.json").exists()
+
+    summary = _run({**cfg, "ray": {}}, tmp_path)  # rerun on the session Ray
+    s = summary["splits"]["train"]
+    assert s["skipped_shards"] >= committed and s["written"] == n_images
+    assert not list((out / "train").glob(f".*{storage.TMP_MARK}*"))  # no temp left behind
+    man = pq.read_table(out / "train" / "manifest.parquet").to_pylist()
+    keys = [k for m in man for k in shards.read_shard_bytes((out / "train" / m["name"]).read_bytes()).keys]
+    assert len(keys) == len(set(keys)) == n_images  # nothing missing, nothing duplicated
+    # deterministic: the resumed output is byte-identical to the uninterrupted run
+    assert _tars(out, "train") == _tars(ref_out, "train")
+    assert (out / "train" / "manifest.parquet").read_bytes() == (ref_out / "train" / "manifest.parquet").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------
+# COCO
+
+
+def test_coco_captions_and_text_features(ray_local, coco_data, patch_tokenizer, tmp_path):
+    from pipeline.text import RandomTextEncoder
+
+    weights, tok = patch_tokenizer
+    out = tmp_path / "coco-out"
+    cfg = _config(coco_data.root, out, weights, source__kind="coco", source__splits=["train2014"],
+                  text__kind="random", text__dim=32, text__seed=7, tokenize__samples_per_shard=3)
+    summary = _run(cfg, tmp_path)
+    s = summary["splits"]["train2014"]
+    assert s["written"] == len(coco_data.captions)
+    rej = pq.read_table(out / "train2014" / "rejects.parquet").to_pylist()
+    assert {r["key"]: r["reason"] for r in rej} == coco_data.rejects
+    assert s["read"] == s["written"] + s["rejected"]
+
+    man = pq.read_table(out / "train2014" / "manifest.parquet").to_pylist()
+    rows = shards.Rows.concat([shards.read_shard_bytes((out / "train2014" / m["name"]).read_bytes()) for m in man])
+    assert rows.keys == sorted(coco_data.captions, key=lambda k: int(k.rsplit("_", 1)[1]))  # by image id
+    assert {k: c for k, c in zip(rows.keys, rows.captions)} == coco_data.captions
+    assert rows.tokens_flip is not None  # train split: flips as for ImageNet
+    enc = RandomTextEncoder(dim=32, length=77, seed=7)
+    flat = [c for caps in rows.captions for c in caps]
+    assert rows.text.shape == (len(flat), 77, 32) and rows.text.dtype == np.float16
+    np.testing.assert_allclose(rows.text.astype(np.float32), enc.encode(flat).astype(np.float32), atol=2e-3)
+    empty = np.load(out / "empty_context.npy")
+    np.testing.assert_allclose(empty.astype(np.float32), enc.encode([""])[0].astype(np.float32), atol=2e-3)
+    assert not np.allclose(empty, rows.text[0])
+    ds = json.loads((out / "dataset.json").read_text())
+    assert ds["text"]["kind"] == "random" and ds["text"]["empty_context"] == "empty_context.npy"
+    assert ds["num_classes"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# S3 round trip (moto server): source, weights and output on object storage
+
+
+def test_s3_round_trip(ray_local, s3_bucket, s3_upload, image_folder, patch_tokenizer, tmp_path):
+    from pipeline.readers import InMemoryReader
+
+    weights, _ = patch_tokenizer
+    fs = s3_bucket.fs
+    s3_upload(fs, image_folder.root, f"{s3_bucket.bucket}/src")
+    fs.pipe_file(f"{s3_bucket.bucket}/weights/tok.pt", Path(weights).read_bytes())
+    cfg = _config(s3_bucket.url("src"), s3_bucket.url("tok"), s3_bucket.url("weights/tok.pt"))
+    cfg["storage"] = {"endpoint_url": s3_bucket.endpoint}
+    summary = _run(cfg, tmp_path)
+    local = tmp_path / "local"
+    _run(_config(image_folder.root, local, weights), tmp_path)
+
+    # the same bytes as a local run, read back through s3fs
+    man = shards.read_manifest(fs, f"{s3_bucket.bucket}/tok/train/manifest.parquet")
+    for m in man:
+        assert fs.cat_file(f"{s3_bucket.bucket}/tok/train/{m['name']}") == (local / "train" / m["name"]).read_bytes()
+    assert summary["splits"]["train"]["rejected"] == sum(r is not None for r in image_folder.files.values())
+    rej = shards.read_rejects(fs, f"{s3_bucket.bucket}/tok/train/rejects.parquet")
+    assert len(rej) == summary["splits"]["train"]["rejected"]
+
+    reader = InMemoryReader(s3_bucket.url("tok"), "train", batch_size=2, storage_cfg=s3_bucket.storage,
+                            drop_last=False)
+    seen = [k for b in reader for k in b["key"]]
+    assert set(seen) == set(reader.rows.keys) and len(reader.rows) == summary["splits"]["train"]["written"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The same entrypoint under `ray job submit` (a head started here on 127.0.0.1, stopped by its PID)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runs_under_ray_job_submit(make_folder, patch_tokenizer, tmp_path, subprocess_env):
+    import shutil
+    import tempfile
+    import urllib.request
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    weights, _ = patch_tokenizer
+    data = make_folder(tmp_path / "src", per_class=3, bad=False)
+    out = tmp_path / "out"
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(data.root, out, weights, tokenize__progress=False)))
+    gcs, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths are length-limited
+    env = {**subprocess_env, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             "--num-cpus=2", "--object-store-memory=100000000", "--disable-usage-stats",
+                             f"--temp-dir={temp_dir}",
+                             # fixed default ports would clash with any other Ray on this machine
+                             f"--dashboard-agent-listen-port={_free_port()}",
+                             f"--dashboard-agent-grpc-port={_free_port()}",
+                             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                             f"--ray-client-server-port={_free_port()}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/api/version", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert head.poll() is None and time.time() < deadline, "ray head did not start"
+            time.sleep(0.3)
+        client = JobSubmissionClient(url)
+        while True:  # the dashboard answers before its job agent is ready ("No available agent")
+            try:
+                job = client.submit_job(entrypoint=f"{sys.executable} -m jobs.tokenize --config {cfg_path}",
+                                        runtime_env={"env_vars": {"PYTHONPATH": env["PYTHONPATH"]}})
+                break
+            except RuntimeError as e:
+                assert "agent" in str(e) and time.time() < deadline, e
+                time.sleep(0.5)
+        while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                             JobStatus.STOPPED}:
+            assert time.time() < deadline + 120, "job did not finish"
+            time.sleep(0.5)
+        logs = client.get_job_logs(job)
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        assert "[tokenize] summary" in logs and "Started a local Ray instance" not in logs  # it joined the head
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of that head is left
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    man = pq.read_table(out / "train" / "manifest.parquet").to_pylist()
+    assert sum(m["samples"] for m in man) == len(data.files)
