@@ -384,8 +384,7 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
 
     tracker = None
     if rank == 0:
-        tracker = Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.train.run_name,
-                                   run_id=run_id, system_metrics=cfg.mlflow.system_metrics)
+        tracker = _start_tracking(cfg, run_id)
         run_id = tracker.run_id
         tracker.log_params({**config_to_dict(cfg), "model_config": mcfg.to_dict(),
                             "deepspeed_config": deepspeed_config(cfg)})
@@ -511,7 +510,7 @@ def _log_grid(tracker, ema: enat.ENAT, mcfg: enat.ENATConfig, cfg: TrainJobConfi
     toks = enat.generate(ema, labels, enat.SamplerConfig(), generator=torch.Generator(device).manual_seed(0))
     g = mcfg.grid
     imgs = tok.to(device).decode(toks.view(-1, g, g)).clamp(0, 1).cpu()
-    tracker.log_image_grid(imgs, nrow=4, key="samples", step=step)
+    tracker.log_grid(imgs, nrow=4, key="samples", step=step)
 
 
 def _dataset_tokenizer(cfg: TrainJobConfig, dataset: dict):
@@ -560,85 +559,19 @@ def run_ray(cfg: TrainJobConfig) -> Any:
     return trainer.fit()
 
 
-# ----------------------------------------------------------------------------------------------------
-# MLflow (rank 0 only)
-# ----------------------------------------------------------------------------------------------------
-
-
-def default_tracking_uri(uri: Optional[str] = None) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else a local sqlite store `./mlruns.db`."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlruns.db')}"
-
-
-class Tracker:
-    """One MLflow run per training job; a resumed job (same run id) appends to the same run."""
-
-    def __init__(self, tracking_uri: Optional[str], experiment: str, run_name: str, run_id: Optional[str] = None,
-                 system_metrics: bool = True, tags: Optional[dict] = None, parent_run_id: Optional[str] = None):
+def _start_tracking(cfg: TrainJobConfig, run_id: Optional[str]):
+    """Rank 0's MLflow run: the one recorded in the checkpoint, else an unfinished run of the same
+    run name (a re-submitted job that died before its first checkpoint), else a new one."""
+    from pipeline import tracking
+    if run_id is None:
         import mlflow
-        self.mlflow = mlflow
-        uri = default_tracking_uri(tracking_uri)
-        mlflow.set_tracking_uri(uri)
-        exp = mlflow.get_experiment_by_name(experiment)
-        if exp is None:
-            # a local sqlite store keeps artifacts beside the database, not in each worker's cwd
-            loc = None
-            if uri.startswith("sqlite:///"):
-                loc = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]) or ".", "mlartifacts")
-            try:
-                mlflow.create_experiment(experiment, artifact_location=loc)
-            except mlflow.exceptions.MlflowException:
-                pass                                  # created concurrently by another job
-            exp = mlflow.get_experiment_by_name(experiment)
-        mlflow.set_experiment(experiment_id=exp.experiment_id)
-        self.client = mlflow.MlflowClient()
-        if run_id is None:
-            # a re-submitted job with the same run name reattaches to its unfinished run
-            found = self.client.search_runs([exp.experiment_id], f"tags.enat_run_name = '{run_name}'",
-                                            max_results=1, order_by=["attributes.start_time DESC"])
+        mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow.tracking_uri))
+        exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+        if exp is not None:
+            found = mlflow.MlflowClient().search_runs(
+                [exp.experiment_id], f"tags.enat_run_name = '{cfg.train.run_name}' and attributes.status = 'RUNNING'",
+                max_results=1, order_by=["attributes.start_time DESC"])
             run_id = found[0].info.run_id if found else None
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, experiment_id=exp.experiment_id,
-                               log_system_metrics=system_metrics, parent_run_id=parent_run_id,
-                               tags=None if run_id else {"enat_run_name": run_name, **(tags or {})})
-        self.run_id = run.info.run_id
-        self._params_logged = run_id is not None and bool(self.client.get_run(self.run_id).data.params)
-
-    def log_params(self, params: dict) -> None:
-        if self._params_logged:
-            return
-        flat = _flatten(params)
-        self.mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
-        self._params_logged = True
-
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-    def set_tags(self, tags: dict) -> None:
-        self.mlflow.set_tags(tags)
-
-    def log_image_grid(self, images: torch.Tensor, nrow: int, key: str, step: int) -> None:
-        """images (N, 3, H, W) in [0, 1] -> one grid image, logged step-indexed under `key`."""
-        import numpy as np
-        n, _, h, w = images.shape
-        rows = -(-n // nrow)
-        grid = torch.ones(3, rows * (h + 2), nrow * (w + 2))
-        for i in range(n):
-            r, c = divmod(i, nrow)
-            grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = images[i]
-        arr = (grid.permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
-        scale = max(1, 256 // max(arr.shape[:2]))
-        arr = np.repeat(np.repeat(arr, scale, 0), scale, 1)
-        self.mlflow.log_image(arr, key=key, step=step)
-        self.mlflow.log_image(arr, artifact_file=f"{key}/latest.png")
-
-    def end(self) -> None:
-        self.mlflow.end_run()
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
+    return tracking.start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, run_name=cfg.train.run_name,
+                              run_id=run_id, tags={"enat_run_name": cfg.train.run_name, "enat_job": "train"},
+                              system_metrics=cfg.mlflow.system_metrics)
