@@ -88,7 +88,7 @@ def code_version() -> dict[str, Optional[str]]:
     version = None
     with contextlib.suppress(Exception):
         from importlib.metadata import version as _v
-        version = _v("enat")
+        version = _v("enat-pipeline")
     sha = None
     with contextlib.suppress(Exception):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -400,3 +400,54 @@ def test_runs_under_ray_job_submit(make_folder, patch_tokenizer, tmp_path, subpr
         shutil.rmtree(temp_dir, ignore_errors=True)
     man = pq.read_table(out / "train" / "manifest.parquet").to_pylist()
     assert sum(m["samples"] for m in man) == len(data.files)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP text tower (transformers), loaded from a local directory and from S3
+
+
+def _tiny_clip(d: Path) -> None:
+    """A tiny random CLIP text model + byte-level tokenizer in save_pretrained layout."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # the GPT-2/CLIP byte-level alphabet: printable bytes stand for themselves, the rest map to 256+
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                         pad_token_id=513)
+    CLIPTextModel(cfg).save_pretrained(d)
+
+
+def test_clip_text_encoder_local_and_s3(tmp_path, s3_bucket, s3_upload):
+    pytest.importorskip("transformers")
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pipeline.config import TextConfig
+    from pipeline.text import build_text_encoder, empty_context
+
+    d = tmp_path / "clip"
+    _tiny_clip(d)
+    caps = ["a photo of a cat", "two dogs on a sofa, " * 20]  # the second is longer than 77 tokens
+    enc = build_text_encoder(TextConfig(kind="clip", weights=str(d)))
+    out = enc.encode(caps)
+    assert out.shape == (2, 77, 32) and out.dtype == np.float16 and enc.dim == 32
+    # as U-ViT's FrozenCLIPEmbedder: pad/truncate to 77, last_hidden_state
+    tok, model = CLIPTokenizer.from_pretrained(d), CLIPTextModel.from_pretrained(d).eval()
+    ids = tok(caps, truncation=True, max_length=77, padding="max_length", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state.numpy()
+    np.testing.assert_allclose(out.astype(np.float32), ref, atol=2e-3, rtol=2e-3)
+    assert empty_context(enc).shape == (77, 32)
+    # the same weights from an object store
+    s3_upload(s3_bucket.fs, d, f"{s3_bucket.bucket}/clip")
+    remote = build_text_encoder(TextConfig(kind="clip", weights=s3_bucket.url("clip")), storage_cfg=s3_bucket.storage)
+    np.testing.assert_array_equal(remote.encode(caps), out)
+    assert remote.identity()["weights_sha256"] == enc.identity()["weights_sha256"]
+    with pytest.raises(ValueError, match="text.weights"):
+        build_text_encoder(TextConfig(kind="clip"))

@@ -1,0 +1,355 @@
+"""The sample job (and the fid-stats job) end to end on a real local Ray, on CPU: a small random ENAT of
+the real architecture, a PatchVQ decoder and a random-weights FID Inception of the real architecture
+(loaded from a weights file, as pytorch-fid's would be).
+
+Checked: the exact merge (merged FID = single-pass FID = a scipy sqrtm reference on the same features),
+exact sample count and class balance, identical outputs whatever the worker count, kill-and-rerun giving
+byte-identical statistics, FID reported as unavailable without Inception weights, and the MLflow run (a
+real `mlflow server` subprocess) carrying the metrics and the sample grid."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import yaml
+from PIL import Image
+
+import enat
+from enat.fid import FeatureStats, FIDInception, ISStats, frechet_distance, inception_score
+from pipeline import sampling
+from pipeline.config import ConfigError, load_config
+from pipeline.sampling import SampleJobConfig
+from tests.helpers import random_model, tiny_config
+
+N, CLASSES, UNIT, BATCH = 32, 4, 6, 4  # 6 units (the last holds 2), 2 batches per unit
+TINY = {"preset": "enat-s", "encoder_depth": 2, "decoder_depth": 1, "dim": 32, "num_heads": 4, "seq_len": 16,
+        "codebook_size": 32, "num_classes": CLASSES}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Assets: weights files of small random models of the real architectures
+
+
+def _inception_state_dict(seed: int = 0) -> dict:
+    """Well-scaled random weights in pytorch-fid's layout (He-normal convs, random BatchNorm statistics),
+    so that features do not vanish through the 94 conv layers."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, v in FIDInception().state_dict().items():
+        shape = tuple(v.shape)
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(0, dtype=torch.int64)
+        elif key.endswith(("running_var", "bn.weight")):
+            sd[key] = torch.rand(shape, generator=g) + 0.5
+        elif key.endswith(("running_mean", "bn.bias", "fc.bias")):
+            sd[key] = torch.randn(shape, generator=g) * 0.1
+        else:
+            sd[key] = torch.randn(shape, generator=g) * math.sqrt(2.0 / math.prod(shape[1:]))
+    return sd
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from enat.patch_vq import PatchVQ
+
+    d = tmp_path_factory.mktemp("assets")
+    cfg = tiny_config(codebook_size=32, num_classes=CLASSES)
+    torch.save(random_model(cfg, seed=1).state_dict(), d / "enat.pt")
+    tok = PatchVQ(32, 8, codebook=torch.rand(32, 3 * 8 * 8, generator=torch.Generator().manual_seed(2)))
+    torch.save(tok.state_dict(), d / "patch_vq.pt")
+    torch.save(_inception_state_dict(), d / "inception.pt")
+    real = d / "real"  # real images for the reference statistics: nested folders, one broken file
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        sub = real / f"c{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((40, 48), Image.BILINEAR).save(sub / f"img{i:02d}.png")
+    (real / "c0" / "broken.png").write_bytes(b"not a png")
+    (real / "notes.txt").write_text("ignored: not an image extension")
+    return d
+
+
+def _job_config(assets: Path, out: Path, **over) -> dict:
+    cfg = {"model": {"checkpoint": str(assets / "enat.pt"), **TINY},
+           "tokenizer": {"kind": "patch", "weights": str(assets / "patch_vq.pt")},
+           "plan": {"num_samples": N, "unit_size": UNIT, "batch_size": BATCH, "seed": 7},
+           "inception": {"weights": str(assets / "inception.pt")},
+           "output": {"uri": str(out), "features": True, "grid": 8},
+           "compute": {"actors": 2, "actor_num_cpus": 1, "png_threads": 2, "progress": False},
+           "mlflow": {"enabled": False}}
+    for k, v in over.items():
+        sec, name = k.split("__")
+        cfg.setdefault(sec, {})[name] = v
+    return cfg
+
+
+def _run(cfg: dict, tmp_path: Path) -> dict:
+    from jobs.sample import main
+
+    path = tmp_path / f"sample-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return main(["--config", str(path)])
+
+
+def _tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+
+
+def _unit_files(out: Path) -> dict[str, str]:
+    """Every unit's files → sha256, from the commit records."""
+    files = {}
+    for p in sorted((out / "_parts").glob("*.json")):
+        rec = json.loads(p.read_text())
+        files.update({k: v["sha256"] for k, v in rec["files"].items()})
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure parts: the exact merge, the plan
+
+
+def test_merge_is_exact_and_matches_single_pass_and_scipy():
+    rng = np.random.default_rng(0)
+    d, n = 64, 203
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.3 + rng.random(d)
+    y = rng.standard_normal((150, d)) @ rng.standard_normal((d, d)) * 0.25
+    logits = rng.standard_normal((n, 1008)) * 3
+    cuts = [0, 1, 17, 60, 61, 130, n]  # uneven units, one of a single sample
+    parts = []
+    for a, b in zip(cuts, cuts[1:]):
+        f = FeatureStats.empty(d).update(x[a:b])
+        s = ISStats.empty(n, 10).update(torch.from_numpy(logits[a:b]), a)
+        parts.append((f, s))
+    merged, is_merged = sampling.merge_stats(reversed(parts))  # any order: sums
+    single = FeatureStats.empty(d).update(x)
+    assert merged.n == single.n == n
+    mu, sigma = merged.mean_cov()
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+    mu_y, sigma_y = y.mean(0), np.cov(y, rowvar=False)
+    # scipy reference, written out (pytorch-fid's formula)
+    s_x = np.cov(x, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s_x @ sigma_y).real
+    ref = float(((x.mean(0) - mu_y) ** 2).sum() + np.trace(s_x) + np.trace(sigma_y) - 2 * np.trace(covmean))
+    for method in ("eigvals", "sqrtm"):
+        fid_merged = sampling.fid_from_stats(mu, sigma, mu_y, sigma_y, method)
+        fid_single = sampling.fid_from_stats(*single.mean_cov(), mu_y, sigma_y, method)
+        assert fid_merged == pytest.approx(fid_single, rel=1e-10)
+        assert fid_merged == pytest.approx(ref, rel=1e-8)
+    assert is_merged.score() == pytest.approx(inception_score(logits, 10), rel=1e-10)
+    # the per-unit file round trip is exact
+    f2, s2 = sampling.stats_from_npz(sampling.stats_npz_bytes(*parts[2]))
+    assert f2.n == parts[2][0].n and torch.equal(f2.outer, parts[2][0].outer)
+    assert torch.equal(s2.p_sum, parts[2][1].p_sum)
+
+
+def test_plan_is_balanced_and_independent_of_workers(tmp_path, assets):
+    labels = sampling.balanced_labels(50_000, 1000)
+    assert np.array_equal(labels, np.arange(1000).repeat(50))  # as official
+    units = sampling.make_units(N, UNIT, 7, sampling.balanced_labels(N, CLASSES))
+    assert [u.count for u in units] == [6, 6, 6, 6, 6, 2]
+    flat = [lab for u in units for lab in u.labels]
+    assert np.bincount(flat).tolist() == [N // CLASSES] * CLASSES
+    # a unit's seed is a function of (seed, unit) only; distinct per unit and per seed
+    assert [u.seed for u in units] == [sampling.unit_seed(7, u) for u in range(6)]
+    assert len({u.seed for u in units}) == 6 and sampling.unit_seed(8, 0) != units[0].seed
+    assert sampling.Unit.from_row(units[3].row("fp")) == units[3]
+    with pytest.raises(ConfigError, match="plan.num_samples: 30 is not a multiple of the model's 4 classes"):
+        sampling.balanced_labels(30, CLASSES)
+    u1, u2 = sampling.uniform_labels(100, 10, 1), sampling.uniform_labels(100, 10, 1)
+    assert np.array_equal(u1, u2) and len(set(u1.tolist())) > 5
+    prompts = sampling.read_prompts(json.dumps({"images": [{"id": 9}, {"id": 2}, {"id": 5}], "annotations": [
+        {"image_id": 9, "caption": "a"}, {"image_id": 2, "caption": "b"}, {"image_id": 9, "caption": "c"}]}).encode(),
+        "captions_val2014.json")
+    assert prompts == [["b"], ["a", "c"]]  # by image id; an image without captions is dropped
+    caps = sampling.caption_plan(prompts, 5, 0)
+    assert caps == sampling.caption_plan(prompts, 5, 0) and set(caps) <= {"a", "b", "c"} and "b" in caps
+    # config errors name the field, before any work
+    with pytest.raises(ConfigError, match="output.uri"):
+        load_config(SampleJobConfig, {"model": {"checkpoint": "x.pt"}})
+    with pytest.raises(ConfigError, match="sampler: SamplerConfig.cfg_scale"):
+        load_config(SampleJobConfig, _job_config(assets, tmp_path, sampler__cfg_scale=-1.0))
+    with pytest.raises(ConfigError, match="plan.unknown"):
+        load_config(SampleJobConfig, _job_config(assets, tmp_path), ["plan.unknown=3"])
+    with pytest.raises(ConfigError, match="model.preset"):
+        sampling.build_plan(load_config(SampleJobConfig, _job_config(assets, tmp_path, model__preset=None)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlflow_server, subprocess_env):
+    import mlflow
+
+    # reference statistics of "real" images, by the fid-stats job
+    from jobs.fid_stats import main as fid_stats_main
+
+    ref = fid_stats_main([f"source.root={assets / 'real'}", "source.resolution=32", "source.unit_size=5",
+                          "source.batch_size=4", f"inception.weights={assets / 'inception.pt'}",
+                          f"output={tmp_path / 'ref'}", "compute.progress=false"])
+    assert ref["n"] == 12 and ref["rejected"] == 1 and ref["rejected_by_reason"] == {"not-an-image": 1}
+    ref_mu, ref_sigma = enat.fid.load_reference_stats(str(tmp_path / "ref" / "fid_stats.npz"))
+
+    # 1) the uninterrupted run: 2 actors, a child MLflow run of a "training" run, FID by scipy's sqrtm
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.create_experiment("enat-sample-test")
+    train_run = client.create_run(exp, run_name="train").info.run_id
+    out = tmp_path / "full"
+    cfg = _job_config(assets, out, fid__reference=str(tmp_path / "ref" / "fid_stats.npz"),
+                      output__adm_npz=True, mlflow__enabled=True, mlflow__tracking_uri=mlflow_server,
+                      mlflow__parent_run_id=train_run, mlflow__step=5000)
+    res = _run(cfg, tmp_path)
+    assert res["num_samples"] == N and res["units_run"] == 6
+    assert (res["num_labels"], res["label_counts_min"], res["label_counts_max"]) == (CLASSES, N // CLASSES, N // CLASSES)
+
+    # the samples: exact count, each index once, class balance exact, PNG == npz pixels, ADM npz == units
+    keys, cls, arrays, labels = [], [], [], []
+    for u in range(6):
+        members = _tar_members(out / "images" / f"{u:06d}.tar")
+        with np.load(out / "npz" / f"{u:06d}.npz") as z:
+            arrays.append(z["arr_0"])
+            labels.append(z["arr_1"])
+        for name, data in sorted(members.items()):
+            key, ext = name.split(".", 1)
+            if ext == "png":
+                keys.append(int(key))
+                png = np.asarray(Image.open(io.BytesIO(data)))
+                assert np.array_equal(png, arrays[-1][int(key) - 6 * u])
+            else:
+                cls.append(int(data))
+    assert keys == list(range(N))
+    assert np.bincount(cls).tolist() == [N // CLASSES] * CLASSES
+    assert np.array_equal(np.concatenate(labels), np.arange(CLASSES).repeat(N // CLASSES))
+    with np.load(out / f"samples_{N}x32x32x3.npz") as z:
+        assert np.array_equal(z["arr_0"], np.concatenate(arrays)) and np.array_equal(z["arr_1"], np.concatenate(labels))
+    assert len({a.tobytes() for a in np.concatenate(arrays)}) == N  # distinct samples
+
+    # merged statistics = single pass over the same features; merged FID (official eigvals numerics)
+    # = a scipy sqrtm reference on those features
+    feats = np.concatenate([np.load(out / "features" / f"{u:06d}.npy") for u in range(6)]).astype(np.float64)
+    assert feats.shape == (N, 2048) and feats.std(0).max() > 0
+    with np.load(out / "fid_stats.npz") as z:
+        mu, sigma = z["mu"], z["sigma"]
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-10, atol=1e-12)
+    s = np.cov(feats, rowvar=False)
+    np.testing.assert_allclose(sigma, s, rtol=1e-8, atol=1e-10 * np.abs(sigma).max())
+    # tr sqrtm(S·R) with S = AAᵀ (A: the centred features / √(n−1), 2048 × 32) equals tr sqrtm(AᵀRA): the
+    # nonzero eigenvalues of XY and YX coincide. scipy's sqrtm on the 32 × 32 product instead of the
+    # 2048² one (15 s on two cores) — the same number, exactly by that identity.
+    a = (feats - feats.mean(0)).T / math.sqrt(N - 1)
+    covmean = scipy.linalg.sqrtm(a.T @ ref_sigma @ a)
+    scipy_fid = float(((feats.mean(0) - ref_mu) ** 2).sum() + np.trace(s) + np.trace(ref_sigma)
+                      - 2 * np.trace(covmean).real)
+    assert res["fid_method"] == "eigvals" and res["fid"] == pytest.approx(scipy_fid, rel=1e-6) and res["fid"] > 0
+    assert 1.0 <= res["is"] < 1008
+
+    # MLflow: a child of the training run with the metrics at the given step, the params and the grid
+    run = client.get_run(json.loads((out / "plan.json").read_text())["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == train_run and run.info.status == "FINISHED"
+    assert run.data.metrics["fid"] == pytest.approx(res["fid"]) and run.data.metrics["n_samples"] == N
+    assert run.data.metrics["is"] == pytest.approx(res["is"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "fid")] == [5000]
+    assert run.data.params["sampler.preset"] == "imagenet-256" and run.data.params["resolved_sampler.cfg_scale"] == "2.5"
+    assert run.data.tags["fid_available"] == "true"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert "samples/grid.png" in artifacts
+    grid = Image.open(client.download_artifacts(run.info.run_id, "samples/grid.png", str(tmp_path)))
+    assert grid.size[0] >= 256 and (out / "grid.png").exists()
+
+    # 2) the same plan with 1 actor, killed after two units are committed, then rerun with 2 actors
+    killed = tmp_path / "killed"
+    kcfg = _job_config(assets, killed, compute__actors=1, compute__throttle_s=0.5, ray__num_cpus=2,
+                       ray__object_store_memory=100 * 2**20)
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(kcfg))
+    log = open(tmp_path / "killed.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.sample", "--config", str(path)], cwd=tmp_path,
+                            env=subprocess_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    parts = killed / "_parts"
+    deadline = time.time() + 120
+    try:
+        while len(list(parts.glob("*.json"))) < 2:
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no unit committed in time"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    n_committed = len(list(parts.glob("*.json")))
+    assert 2 <= n_committed < 6, n_committed
+    assert not (killed / "manifest.json").exists()  # readers see no sample set yet
+
+    res2 = _run({**kcfg, "compute": {**kcfg["compute"], "actors": 2, "throttle_s": 0.0}, "ray": {}}, tmp_path)
+    assert res2["units_skipped"] >= n_committed and res2["units_run"] == 6 - res2["units_skipped"]
+    assert res2["num_samples"] == N and res2["fid"] is None and "no reference" in res2["fid_unavailable"]
+    assert res2["is"] == pytest.approx(res["is"], rel=1e-12)
+    # identical statistics and images, unit by unit and merged, whatever the kill and the worker count
+    full_files, killed_files = _unit_files(out), _unit_files(killed)
+    assert killed_files == full_files and len(full_files) == 6 * 4 + 8  # tar, npz, stats, features + 8 grid PNGs
+    assert (killed / "fid_stats.npz").read_bytes() == (out / "fid_stats.npz").read_bytes()
+    assert not list(killed.rglob(".*.tmp-*"))  # no temporary object left behind
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert [u["unit"] for u in manifest["units"]] == list(range(6))
+    assert sum(u["count"] for u in manifest["units"]) == N
+
+    # 3) a rerun of a finished job runs nothing and merges the same numbers
+    res3 = _run({**kcfg, "ray": {}}, tmp_path)
+    assert res3["units_run"] == 0 and res3["is"] == res2["is"]
+    # another plan into the same folder is refused, naming what differs
+    with pytest.raises(ConfigError, match="seed"):
+        _run({**kcfg, "ray": {}, "plan": {**kcfg["plan"], "seed": 8}}, tmp_path)
+
+
+def test_text_model_captions_without_inception(ray_local, assets, tmp_path):
+    """A caption-conditioned model (architecture from config.json beside the checkpoint, as our training
+    exports it); without Inception weights the samples are still written and FID is reported unavailable."""
+    from enat.patch_vq import PatchVQ  # noqa: F401  (the tokenizer file is in assets)
+    from pipeline.text import RandomTextEncoder
+
+    ckpt = tmp_path / "ckpt" / "step_000000007"
+    ckpt.mkdir(parents=True)
+    mcfg = tiny_config(codebook_size=32, text_dim=16, text_len=8)
+    model = random_model(mcfg, seed=4)
+    model.set_null_text(torch.from_numpy(RandomTextEncoder(16, 8, seed=5).encode([""])[0]).float())
+    torch.save(model.state_dict(), ckpt / "ema.pt")
+    (ckpt / "config.json").write_text(json.dumps({"model": mcfg.to_dict(), "step": 7}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n\na blue circle\na green triangle on grass\n")
+    out = tmp_path / "text"
+    cfg = _job_config(assets, out, plan__num_samples=6, plan__captions=str(prompts), plan__unit_size=4,
+                      text__kind="random", text__dim=16, text__length=8, text__seed=5,
+                      inception__weights=None, output__features=False, output__grid=4,
+                      compute__actors=1)
+    cfg["model"] = {"checkpoint": str(ckpt / "ema.pt")}  # preset null: config.json
+    res = _run(cfg, tmp_path)
+    assert res["num_samples"] == 6 and res["fid"] is None and res["is"] is None
+    assert "no Inception weights" in res["fid_unavailable"]
+    assert not (out / "stats").exists() and not (out / "fid_stats.npz").exists()
+    txt = {}
+    for u in range(2):
+        for name, data in _tar_members(out / "images" / f"{u:06d}.tar").items():
+            if name.endswith(".txt"):
+                txt[int(name.split(".")[0])] = data.decode()
+    assert sorted(txt) == list(range(6))
+    assert set(txt.values()) <= {"a red square", "a blue circle", "a green triangle on grass"}
+    # the plan's captions: every prompt once per pass over the (shuffled) prompts
+    assert sorted(list(txt.values())[:3]) == sorted(["a red square", "a blue circle", "a green triangle on grass"])
+    assert (out / "grid.png").exists() and json.loads((out / "results.json").read_text())["fid"] is None
