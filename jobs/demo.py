@@ -31,8 +31,8 @@ from PIL import Image
 
 SIZES: dict[str, dict[str, Any]] = {
     # images per class (≤ ~180), train steps (class / text), model width and depth, workers, samples
-    "tiny": dict(per_class=60, steps=150, text_steps=20, dim=96, depth=3, batch=64, workers=1, samples=100),
-    "small": dict(per_class=180, steps=600, text_steps=60, dim=128, depth=4, batch=64, workers=1, samples=200),
+    "tiny": dict(per_class=100, steps=500, text_steps=20, dim=96, depth=3, batch=64, workers=1, samples=100),
+    "small": dict(per_class=180, steps=1500, text_steps=60, dim=128, depth=4, batch=64, workers=1, samples=200),
     "medium": dict(per_class=180, steps=4000, text_steps=400, dim=256, depth=6, batch=128, workers=2, samples=1000),
 }
 RES, PATCH, CODEBOOK = 32, 4, 64            # 32 px digits -> 8 x 8 = 64 tokens of a 64-entry codebook
@@ -101,6 +101,7 @@ def _png(a: np.ndarray) -> bytes:
 def run(out: Path, size: str = "small", store: Optional[str] = None, inception: Optional[str] = None,
         endpoint_url: Optional[str] = None, seed: int = 0) -> dict[str, Any]:
     from enat.patch_vq import PatchVQ
+    from jobs import sample as sample_job
     from jobs import tokenize as tokenize_job
     from jobs import train as train_job
     from pipeline import storage
@@ -147,24 +148,129 @@ def run(out: Path, size: str = "small", store: Optional[str] = None, inception: 
         model = [f"model.dim={s['dim']}", f"model.encoder_depth={s['depth']}", "model.decoder_depth=1",
                  "model.num_heads=4", "model.preset=enat-s"]
         train_common = [*model, "deepspeed.precision=fp32", f"scaling.num_workers={s['workers']}",
-                        f"train.global_batch={s['batch']}", "optim.lr=0.001", "optim.warmup_steps=50",
+                        f"train.global_batch={s['batch']}", "optim.lr=0.002", "optim.warmup_steps=50",
                         "optim.betas=[0.9, 0.99]", "train.ema_rate=0.995", f"train.log_every={max(1, s['steps'] // 20)}",
                         "mlflow.experiment=enat-demo", f"mlflow.tracking_uri={tracking}", "mlflow.system_metrics=true",
                         f"checkpoint.uri={storage.join(store, 'checkpoints')}", *stor]
         res = train_job.main([f"data.root={storage.join(store, 'tokens', 'digits')}", f"train.steps={s['steps']}",
                               "train.run_name=demo-class", f"checkpoint.every={s['steps']}", *train_common])
         report["train"] = {"checkpoint": str(res.checkpoint.path) if res.checkpoint else None}
-        res_t = train_job.main([f"data.root={storage.join(store, 'tokens', 'captions')}",
+        res_t = train_job.main([f"data.root={storage.join(store, 'tokens', 'captions')}", "data.split=train2014",
+                                "data.flip=none",
                                 f"train.steps={s['text_steps']}", "train.run_name=demo-text",
                                 f"checkpoint.every={s['text_steps']}", *train_common])
         report["train_text"] = {"checkpoint": str(res_t.checkpoint.path) if res_t.checkpoint else None}
+        train_run = _run_id(tracking, "demo-class")
+
+        _log(f"[demo 4/5] sampling {s['samples']} digits with the Ray sampling job"
+             + ("" if inception else " (no Inception weights given: FID is reported as unavailable)"))
+        ckpt = storage.join(store, "checkpoints", "demo-class", f"step_{s['steps']:09d}", "ema.pt")
+        sample_args = [f"model.checkpoint={ckpt}", "tokenizer.kind=patch", f"tokenizer.weights={tok_uri}",
+                       f"plan.num_samples={s['samples']}", "plan.unit_size=50", "plan.batch_size=50",
+                       # the paper's guidance with milder temperatures for a 64-entry codebook
+                       "sampler.cfg_scale=2.5", "sampler.mask_temp=1.0", "sampler.sample_temp=1.0",
+                       f"output.uri={storage.join(store, 'samples')}", "output.grid=50",
+                       f"mlflow.tracking_uri={tracking}", "mlflow.run_name=demo-sample", *stor]
+        if train_run:
+            sample_args.append(f"mlflow.parent_run_id={train_run}")
+        if inception:
+            sample_args += [f"inception.weights={inception}",
+                            f"fid.reference_images.root={out / 'data' / 'imagenet'}",
+                            f"fid.reference_images.resolution={RES}"]
+        results = sample_job.main(sample_args)
+        report["sample"] = {k: results.get(k) for k in ("fid", "is", "num_samples", "samples_per_s")}
+
+        _log("[demo 5/5] offline score: a classifier trained on the real digits checks the requested class")
+        report["offline"] = offline_score(fs, storage.filesystem(storage.join(store, "samples"),
+                                                                  _storage(endpoint_url))[1], s, seed, tok)
+        grid_local = out / "samples.png"
+        grid_local.write_bytes(fs.cat_file(storage.filesystem(storage.join(store, "samples", "grid.png"),
+                                                              _storage(endpoint_url))[1]))
+        report["grid"] = str(grid_local)
+        _log_offline(report["offline"], tracking, train_run)
     finally:
         if started:
             import ray
             ray.shutdown()
     report["seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    _print_summary(report)
     return report
+
+
+def offline_score(fs, samples_path: str, s: dict, seed: int, tok) -> dict[str, float]:
+    """How often a small CNN trained on the real digits recognises the requested class: in the job's
+    samples, in samples of the untrained model (same size, same sampler) and on held-out real digits."""
+    import enat
+    from jobs.core_demo import Classifier, class_accuracy, train_classifier
+    imgs, labels = digits(180)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(labels).long()
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    test, train = perm[:300], perm[300:]
+    clf = train_classifier(x[train], y[train], steps=400, seed=seed)
+    arrs, labs = [], []
+    for p in sorted(fs.glob(f"{samples_path}/npz/*.npz")):
+        with np.load(io.BytesIO(fs.cat_file(p))) as z:
+            arrs.append(z["arr_0"])
+            labs.append(z["arr_1"])
+    sx = torch.from_numpy(np.concatenate(arrs)).permute(0, 3, 1, 2).float() / 255
+    sy = torch.from_numpy(np.concatenate(labs)).long()
+    cfg = enat.ENATConfig(s["depth"], 1, s["dim"], 4, seq_len=(RES // PATCH) ** 2, codebook_size=CODEBOOK,
+                          num_classes=10)
+    torch.manual_seed(seed)
+    untrained = enat.ENAT(cfg).eval()
+    toks = enat.generate(untrained, sy, enat.SamplerConfig(cfg_scale=2.5, mask_temp=1.0, sample_temp=1.0),
+                         generator=torch.Generator().manual_seed(seed))
+    ux = tok.decode(toks.view(-1, RES // PATCH, RES // PATCH))
+    return {"class_acc_samples": class_accuracy(clf, sx, sy), "class_acc_untrained": class_accuracy(clf, ux, sy),
+            "class_acc_real_heldout": class_accuracy(clf, x[test], y[test]), "num_samples": int(len(sy))}
+
+
+def _run_id(tracking: str, run_name: str) -> Optional[str]:
+    import mlflow
+    client = mlflow.MlflowClient(tracking)
+    exp = client.get_experiment_by_name("enat-demo")
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.enat_run_name = '{run_name}'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def _log_offline(metrics: dict, tracking: str, train_run: Optional[str]) -> None:
+    import mlflow
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment("enat-demo")
+    with mlflow.start_run(run_name="demo-offline-score", parent_run_id=train_run):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+
+def _print_summary(r: dict) -> None:
+    db = r["tracking_uri"]
+    off = r.get("offline", {})
+    fid = (r.get("sample") or {}).get("fid")
+    lines = [
+        "", "=" * 78, "ENAT demo finished in %.0f s" % r["seconds"],
+        f"  data & tokens:   {r['store']}",
+        f"  tokenize:        {r['tokenize']['digits']['written']} digits written, "
+        f"{r['tokenize']['digits']['rejected']} rejected {r['tokenize']['digits'].get('rejected_by_reason', '')}, "
+        f"{r['tokenize']['digits']['converted']} converted",
+        f"  checkpoint:      {r['train']['checkpoint']}",
+        f"  sample grid:     {r.get('grid')}",
+        f"  FID:             {'%.2f' % fid if fid is not None else 'unavailable (pass --inception pt_inception-2015-12-05-6726825d.pth)'}",
+    ]
+    if off:
+        lines.append(f"  offline score:   {100 * off['class_acc_samples']:.0f}% of samples show the requested digit "
+                     f"(untrained model {100 * off['class_acc_untrained']:.0f}%, real held-out "
+                     f"{100 * off['class_acc_real_heldout']:.0f}%)")
+    if db.startswith("sqlite:///"):
+        lines.append(f"  MLflow UI:       mlflow ui --backend-store-uri {db}   (experiment enat-demo)")
+    else:
+        lines.append(f"  MLflow:          {db} (experiment enat-demo)")
+    lines.append("=" * 78)
+    _log("\n".join(lines))
 
 
 def _storage(endpoint_url: Optional[str]):
