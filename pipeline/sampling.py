@@ -45,6 +45,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -81,15 +82,15 @@ class ModelSection:
     # ENAT preset (enat-facts §3); null: read `config.json` beside the checkpoint (our training export).
     preset: Optional[str] = None
     # architecture overrides on top of the preset (tiny test models)
-    encoder_depth: Optional[int] = None
-    decoder_depth: Optional[int] = None
-    dim: Optional[int] = None
+    encoder_depth: Optional[int] = None  # blocks on the visible tokens
+    decoder_depth: Optional[int] = None  # blocks on the [MASK] tokens
+    dim: Optional[int] = None  # width
     num_heads: Optional[int] = None
-    num_classes: Optional[int] = None
-    codebook_size: Optional[int] = None
-    seq_len: Optional[int] = None
-    text_dim: Optional[int] = None
-    text_len: Optional[int] = None
+    num_classes: Optional[int] = None  # 1000 for ImageNet; label num_classes is the null class
+    codebook_size: Optional[int] = None  # must equal the tokenizer's (1024 for MAGE's VQGAN)
+    seq_len: Optional[int] = None  # tokens per image (256 at 256 px, 1024 at 512 px)
+    text_dim: Optional[int] = None  # text models: caption feature width (768 for CLIP ViT-L/14)
+    text_len: Optional[int] = None  # text models: caption tokens (77)
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in enat.ENATConfig.presets():
@@ -102,11 +103,11 @@ class SamplerSection:
     """Sampler settings: a preset (enat-facts §6) with optional overrides."""
 
     preset: Literal["imagenet-256", "imagenet-512"] = "imagenet-256"
-    steps: Optional[int] = None
-    cfg_scale: Optional[float] = None
-    mask_temp: Optional[float] = None
-    sample_temp: Optional[float] = None
-    reuse: bool = True
+    steps: Optional[int] = None  # null: the preset's (8)
+    cfg_scale: Optional[float] = None  # null: the preset's (2.5 at 256, 3.5 at 512)
+    mask_temp: Optional[float] = None  # null: the preset's (1.5)
+    sample_temp: Optional[float] = None  # null: the preset's (6 at 256, 4 at 512)
+    reuse: bool = True  # SC-attention feature reuse across steps (ENAT; false: the ablation)
     dtype: Dtype = "float32"  # autocast for the network ("bfloat16" on GPUs; the official eval is fp16)
     compile: bool = False  # torch.compile the block stack (GPU)
 
@@ -125,7 +126,7 @@ class SamplerSection:
 class PlanSection:
     """What to sample. Defaults: the paper's FID-50K (enat-facts §9): 50 per class, in class order."""
 
-    num_samples: int = 50_000
+    num_samples: int = 50_000  # FID-50K (ImageNet); 30,000 for COCO (coco-256 preset)
     # balanced: label(i) = i // (num_samples / num_classes), as official `np.arange(1000).repeat(50)`;
     # uniform: i.i.d. uniform labels drawn from the seed (DiT's protocol).
     labels: Literal["balanced", "uniform"] = "balanced"
@@ -161,7 +162,7 @@ class RealImagesConfig:
 
     kind: Literal["folder", "webdataset"] = "folder"  # folder: every image file below root, recursively
     root: str = ""  # folder URL, or for webdataset a folder of .tar shards / a single .tar URL
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # file extensions that count as images (case-insensitive)
     resolution: int = 256  # ADM / official center crop to this size (enat.vqgan.center_crop_arr)
     limit: Optional[int] = None  # only the first N files in listing order (folder)
     unit_size: int = 1000  # folder: images per work unit (webdataset: one unit per tar)
@@ -210,26 +211,29 @@ class ComputeSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the actor has a GPU
     decode_dtype: Dtype = "float32"  # VQGAN decoder autocast (the official eval decodes under fp16)
     png_threads: int = 4  # PNG encoders per actor, overlapped with the next batch's generation
+    # units an actor works on at once: with 2, one unit's files are written while the next one computes
+    # (the device runs one unit at a time either way); outputs do not depend on it
+    units_in_flight: int = 1
     progress: bool = True  # tqdm bar on the driver
     throttle_s: float = 0.0  # sleep after each unit (fault-injection tests only)
 
     def __post_init__(self) -> None:
-        if self.actors < 1 or self.png_threads < 1:
-            raise ValueError("actors and png_threads must be >= 1")
+        if self.actors < 1 or self.png_threads < 1 or self.units_in_flight < 1:
+            raise ValueError("actors, png_threads and units_in_flight must be >= 1")
 
 
 @dataclass(frozen=True)
 class TrackingSection:
     """MLflow (driver only)."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no MLflow at all (results.json still holds everything)
     tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else ./mlruns.db
     experiment: Optional[str] = None  # default: the parent run's experiment, else "enat"
     run_name: Optional[str] = None  # default: "sample-" + the output folder's name
     parent_run_id: Optional[str] = None  # the training run: this job becomes its child run
     run_id: Optional[str] = None  # log into this existing run instead (params prefixed "sample.")
     step: Optional[int] = None  # metric step (default: the checkpoint's training step, else 0)
-    system_metrics: bool = False
+    system_metrics: bool = False  # MLflow system metrics (CPU / GPU / memory) of the driver
 
 
 @dataclass(frozen=True)
@@ -649,6 +653,8 @@ class UnitRunner:
         self.fs, out = storage.filesystem(out_url, storage_cfg)
         self.out = out.rstrip("/")
         self.grid = model.config.grid
+        # one unit at a time on the device; a second unit in flight (Ray actor concurrency) writes its files
+        self._device = threading.Lock()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -662,15 +668,31 @@ class UnitRunner:
 
     @torch.no_grad()
     def run(self, unit: Unit, fingerprint: str) -> dict[str, Any]:
-        """Produce and commit one unit; returns its commit record."""
-        secs = collections.Counter()
+        """Produce and commit one unit; returns its commit record. Thread-safe: concurrent calls take
+        turns on the device and overlap only their writes."""
+        secs: collections.Counter = collections.Counter()
+        arrays: list[np.ndarray] = []
+        features: list[np.ndarray] = []
+        pngs: list[cf.Future] = []
+        with self._device:
+            feats, is_stats = self._compute(unit, secs, arrays, features, pngs)
+        t_w = time.perf_counter()
+        record = self._write(unit, fingerprint, np.concatenate(arrays), [f.result() for f in pngs],
+                             feats, is_stats, features)
+        secs["write"] += time.perf_counter() - t_w
+        record["seconds"] = {k: round(secs[k], 4) for k in ("generate", "decode", "inception", "write")}
+        # the commit record is written last: its presence means every file of the unit is complete
+        storage.put_atomic(self.fs, f"{self.out}/{PARTS_DIR}/{unit.unit:06d}.json", json.dumps(record).encode())
+        if self.throttle_s:
+            time.sleep(self.throttle_s)
+        return record
+
+    def _compute(self, unit: Unit, secs: collections.Counter, arrays: list, features: list,
+                 pngs: list) -> tuple[Optional[FeatureStats], Optional[ISStats]]:
         gen = torch.Generator(self.device).manual_seed(unit.seed)
         feats = FeatureStats.empty(2048, self.device) if self.inception is not None else None
         is_stats = (ISStats.empty(self.is_total, self.is_splits, device=self.device)
                     if self.inception is not None and self.is_total else None)
-        arrays: list[np.ndarray] = []
-        features: list[np.ndarray] = []
-        pngs: list[cf.Future] = []
         for s in range(0, unit.count, self.batch_size):
             e = min(s + self.batch_size, unit.count)
             t0 = time.perf_counter()
@@ -695,16 +717,7 @@ class UnitRunner:
             if self.output.png:  # encoded by the pool while the next batch generates
                 pngs.extend(self.pool.submit(png_bytes, a, self.output.png_compress_level) for a in u8)
             secs.update(generate=t1 - t0, decode=t2 - t1, inception=t3 - t2, write=time.perf_counter() - t3)
-        t_w = time.perf_counter()
-        record = self._write(unit, fingerprint, np.concatenate(arrays), [f.result() for f in pngs],
-                             feats, is_stats, features)
-        secs["write"] += time.perf_counter() - t_w
-        record["seconds"] = {k: round(secs[k], 4) for k in ("generate", "decode", "inception", "write")}
-        # the commit record is written last: its presence means every file of the unit is complete
-        storage.put_atomic(self.fs, f"{self.out}/{PARTS_DIR}/{unit.unit:06d}.json", json.dumps(record).encode())
-        if self.throttle_s:
-            time.sleep(self.throttle_s)
-        return record
+        return feats, is_stats
 
     def _put(self, rel: str, data: bytes, files: dict) -> None:
         storage.put_atomic(self.fs, f"{self.out}/{rel}", data)
@@ -808,8 +821,10 @@ def execute(rows: list[dict], actor: type, ctor_args: tuple, compute: ComputeSec
     import ray
 
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map(actor, fn_constructor_args=ctor_args, compute=ray.data.ActorPoolStrategy(size=compute.actors),
-                num_cpus=compute.actor_num_cpus, num_gpus=compute.actor_num_gpus or None)
+    pool = ray.data.ActorPoolStrategy(size=compute.actors, max_concurrent_calls_per_actor=compute.units_in_flight,
+                                      enable_true_multi_threading=compute.units_in_flight > 1)
+    ds = ds.map(actor, fn_constructor_args=ctor_args, compute=pool, num_cpus=compute.actor_num_cpus,
+                num_gpus=compute.actor_num_gpus or None)
     bar = None
     if compute.progress:
         from tqdm import tqdm
@@ -981,8 +996,9 @@ def _start_tracking(cfg: SampleJobConfig, plan: SamplePlan, old_plan: Optional[d
     m = cfg.mlflow
     tags = {"job": "sample", "output_uri": cfg.output.uri, "checkpoint": cfg.model.checkpoint,
             "plan_fingerprint": plan.fingerprint}
-    if m.run_id:
-        return tracking.start_run(m.tracking_uri, run_id=m.run_id, tags=tags, owns=False)
+    if m.run_id:  # another job's run (e.g. the training run): namespaced tags, its status left alone
+        return tracking.start_run(m.tracking_uri, run_id=m.run_id, tags={f"sample.{k}": v for k, v in tags.items()},
+                                  owns=False)
     prev = (old_plan or {}).get("mlflow_run_id")
     if prev and old_plan.get("fingerprint") == plan.fingerprint and tracking.run_exists(m.tracking_uri, prev):
         return tracking.start_run(m.tracking_uri, run_id=prev, system_metrics=m.system_metrics)
@@ -1151,14 +1167,14 @@ def _log_results(run: Any, cfg: SampleJobConfig, plan: SamplePlan, summary: dict
                "merge_s": summary.get("merge_s")}
     metrics.update({f"seconds_{k}": v for k, v in summary["seconds"].items()})
     run.log_metrics(metrics, step=step)
-    tags = {"fid_available": str(summary.get("fid") is not None).lower(), "sample_output": cfg.output.uri,
-            "fid_method": cfg.fid.method}
+    tags = {"fid_available": str(summary.get("fid") is not None).lower(), "fid_method": cfg.fid.method}
     if summary.get("fid_unavailable"):
         tags["fid_unavailable"] = summary["fid_unavailable"]
     if summary.get("reference"):
         tags["fid_reference"] = summary["reference"]["uri"]
         tags["fid_reference_sha256"] = summary["reference"]["sha256"]
-    run.set_tags(tags)
+    prefix = "sample." if cfg.mlflow.run_id else ""
+    run.set_tags({f"{prefix}{k}": v for k, v in tags.items()})
     if grid is not None:
         run.log_grid(grid, key="samples", step=step)
     run.log_dict(summary, "sample/results.json")

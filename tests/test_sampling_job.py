@@ -205,13 +205,14 @@ def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlfl
     assert ref["n"] == 12 and ref["rejected"] == 1 and ref["rejected_by_reason"] == {"not-an-image": 1}
     ref_mu, ref_sigma = enat.fid.load_reference_stats(str(tmp_path / "ref" / "fid_stats.npz"))
 
-    # 1) the uninterrupted run: 2 actors, a child MLflow run of a "training" run, FID by scipy's sqrtm
+    # 1) the uninterrupted run: 2 actors x 2 units in flight, a child MLflow run of a "training" run, FID by scipy's sqrtm
     client = mlflow.MlflowClient(mlflow_server)
     exp = client.create_experiment("enat-sample-test")
     train_run = client.create_run(exp, run_name="train").info.run_id
     out = tmp_path / "full"
     cfg = _job_config(assets, out, fid__reference=str(tmp_path / "ref" / "fid_stats.npz"),
-                      output__adm_npz=True, mlflow__enabled=True, mlflow__tracking_uri=mlflow_server,
+                      output__adm_npz=True, compute__units_in_flight=2, mlflow__enabled=True,
+                      mlflow__tracking_uri=mlflow_server,
                       mlflow__parent_run_id=train_run, mlflow__step=5000)
     res = _run(cfg, tmp_path)
     assert res["num_samples"] == N and res["units_run"] == 6
@@ -301,7 +302,8 @@ def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlfl
     assert res2["units_skipped"] >= n_committed and res2["units_run"] == 6 - res2["units_skipped"]
     assert res2["num_samples"] == N and res2["fid"] is None and "no reference" in res2["fid_unavailable"]
     assert res2["is"] == pytest.approx(res["is"], rel=1e-12)
-    # identical statistics and images, unit by unit and merged, whatever the kill and the worker count
+    # identical statistics and images, unit by unit and merged, whatever the kill, the worker count and
+    # the units in flight per worker
     full_files, killed_files = _unit_files(out), _unit_files(killed)
     assert killed_files == full_files and len(full_files) == 6 * 4 + 8  # tar, npz, stats, features + 8 grid PNGs
     assert (killed / "fid_stats.npz").read_bytes() == (out / "fid_stats.npz").read_bytes()
@@ -353,3 +355,39 @@ def test_text_model_captions_without_inception(ray_local, assets, tmp_path):
     # the plan's captions: every prompt once per pass over the (shuffled) prompts
     assert sorted(list(txt.values())[:3]) == sorted(["a red square", "a blue circle", "a green triangle on grass"])
     assert (out / "grid.png").exists() and json.loads((out / "results.json").read_text())["fid"] is None
+
+
+def test_tracking_logs_into_a_foreign_run_without_ending_it(mlflow_server):
+    """`owns=False` (mlflow.run_id: e.g. the training run) logs params, metrics and a grid but leaves the
+    run's status alone; resuming an own run by id appends to it and ends it."""
+    import mlflow
+
+    from pipeline import tracking
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.create_experiment("enat-tracking-test")
+    train = client.create_run(exp, run_name="train").info.run_id
+    run = tracking.start_run(mlflow_server, run_id=train, owns=False, tags={"sample.job": "sample"})
+    run.log_params({"plan": {"num_samples": 8}}, prefix="sample.")
+    run.log_metrics({"fid": 12.5, "is": None, "bad": float("nan")}, step=300)
+    run.log_grid(torch.rand(4, 3, 8, 8), key="samples", step=300)
+    run.end("FINISHED")
+    r = client.get_run(train)
+    assert r.info.status == "RUNNING"  # not ended: it is the training job's run
+    assert r.data.params == {"sample.plan.num_samples": "8"} and r.data.tags["sample.job"] == "sample"
+    assert r.data.metrics == {"fid": 12.5}
+    assert [m.step for m in client.get_metric_history(train, "fid")] == [300]
+    assert "samples/grid.png" in {a.path for a in client.list_artifacts(train, "samples")}
+    with pytest.raises(ValueError, match="mlflow.run_id: run 'f*' not found"):
+        tracking.start_run(mlflow_server, run_id="f" * 32)
+
+    own = tracking.start_run(mlflow_server, "enat-tracking-test", run_name="sample-x")
+    own.log_params({"a": 1})
+    own.end()
+    again = tracking.start_run(mlflow_server, run_id=own.run_id)  # a rerun of the same job
+    assert again.resumed and again.log_params({"a": 2, "b": 3}) == {"b": "3"}  # params are never changed
+    again.log_metrics({"fid": 3.0}, step=1)
+    again.end()
+    r = client.get_run(own.run_id)
+    assert r.info.status == "FINISHED" and r.data.params == {"a": "1", "b": "3"}
+    assert r.data.tags["param_conflict.a"] == "2" and r.data.metrics["fid"] == 3.0

@@ -1,0 +1,165 @@
+"""Sample job throughput: end-to-end samples/s of one worker (generate → decode → Inception → write) and
+how the time splits, plus the cost of merging FID statistics of 50,000 × 2048 features.
+
+    .venv/bin/python benchmarks/sample_throughput.py             # ENAT-S, batch 16, 8 steps, MAGE VQGAN, 256 px
+    .venv/bin/python benchmarks/sample_throughput.py --tiny      # seconds-long smoke run (tiny models)
+    .venv/bin/python benchmarks/sample_throughput.py --device cuda --preset enat-l --batch 125 --samples 2000 \\
+        --dtype bfloat16 --decode-dtype bfloat16
+
+Random weights everywhere (speed does not depend on them): ENAT of the preset, the MAGE f16 VQGAN,
+pytorch-fid's Inception architecture. The worker is the job's own `UnitRunner` writing PNG tars, npz and
+statistics to a local temporary folder; one unit is run first as a warm-up. Prints figures only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import enat  # noqa: E402
+from enat.fid import FeatureStats, FIDInception, ISStats  # noqa: E402
+from pipeline import sampling, storage  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(args: argparse.Namespace, device: torch.device) -> None:
+    torch.manual_seed(0)
+    if args.tiny:
+        from enat.patch_vq import PatchVQ
+
+        mcfg = enat.ENATConfig(2, 1, 64, 4, codebook_size=64, num_classes=10, seq_len=16)
+        tok = PatchVQ(64, 8, codebook=torch.rand(64, 192))
+    else:
+        from enat.vqgan import VQGAN
+
+        mcfg = enat.ENATConfig.preset(args.preset)
+        tok = VQGAN("mage-f16")
+    model = enat.ENAT(mcfg).eval().to(device)
+    tok = tok.to(device)
+    inception = FIDInception().to(device)
+    sampler = sampling.SamplerSection(steps=args.steps, dtype=args.dtype, compile=args.compile).resolve()
+    n = args.samples
+    labels = np.arange(n) % mcfg.num_classes  # every class in turn
+    out = tempfile.mkdtemp(prefix="enat-sample-bench-")
+    runner = sampling.UnitRunner(model, tok, inception, sampler, out, batch_size=args.batch, is_total=n + args.batch,
+                                 is_splits=10, output=sampling.OutputSection(uri=out, grid=0),
+                                 decode_dtype=args.decode_dtype, png_threads=args.png_threads)
+    # warm-up unit (one batch): kernels, allocator, oneDNN / cuDNN algorithm selection
+    warm = sampling.make_units(args.batch, args.batch, 0, labels[:args.batch])[0]
+    runner.run(sampling.Unit(10_000, n, warm.count, warm.seed, warm.labels), "warm-up")
+    units = sampling.make_units(n, args.unit, 0, labels)
+    t = time.perf_counter()
+    secs = {"generate": 0.0, "decode": 0.0, "inception": 0.0, "write": 0.0}
+    for u in units:
+        rec = runner.run(u, "bench")
+        for k in secs:
+            secs[k] += rec["seconds"][k]
+    wall = time.perf_counter() - t
+    total = sum(secs.values())
+    def du(sub: str) -> int:
+        return sum(f.stat().st_size for f in (Path(out) / sub).rglob("*") if f.is_file())
+
+    res = mcfg.grid * int(tok.downsample)
+    print(f"device {device}, threads {torch.get_num_threads()}, model "
+          f"{'tiny' if args.tiny else args.preset} ({mcfg.depth} blocks, dim {mcfg.dim}), {args.steps} steps, "
+          f"sampler dtype {args.dtype}, decode dtype {args.decode_dtype}, {res} px, batch {args.batch}, "
+          f"unit {args.unit}, {n} samples")
+    print(f"end to end: {n / wall:.3f} samples/s ({wall:.1f} s for {n}; {wall / n * 1000:.0f} ms/sample)")
+    for k, v in secs.items():
+        print(f"  {k:<10} {v:8.2f} s  {100 * v / total:5.1f} %  {v / n * 1000:8.1f} ms/sample")
+    print(f"  output: {du('images') / n / 1024:.1f} KiB/sample PNG tar, {du('npz') / n / 1024:.1f} KiB/sample npz, "
+          f"{du('stats') / (len(units) + 1) / 2**20:.1f} MiB statistics per unit")
+    if not args.tiny:
+        print(f"  50,000 samples on one such worker: {50_000 / (n / wall) / 3600:.1f} h")
+
+
+def merge_cost(args: argparse.Namespace, device: torch.device) -> None:
+    """Statistics of n × 2048 features in units: accumulation in the workers, then the driver's exact merge
+    (read each unit's 32 MB file back from disk, check its sha256, sum), mean/cov and FID."""
+    n, unit, dim = (2_000, 500, 2048) if args.tiny else (50_000, 1000, 2048)
+    g = torch.Generator(device=device).manual_seed(0)
+    pool = [torch.randn(unit, dim, generator=g, device=device).abs_() for _ in range(2)]
+    logits = torch.randn(unit, 1008, generator=g, device=device)
+    d = tempfile.mkdtemp(prefix="enat-merge-bench-")
+    fs, path = storage.filesystem(d)
+    recs = []
+    t_update = t_write = 0.0
+    for u in range(n // unit):
+        _sync(device)
+        t = time.perf_counter()
+        f = FeatureStats.empty(dim, device).update(pool[u % 2])
+        s = ISStats.empty(n, 10, device=device).update(logits, u * unit)
+        _sync(device)
+        t_update += time.perf_counter() - t
+        t = time.perf_counter()
+        data = sampling.stats_npz_bytes(f, s)
+        storage.put_atomic(fs, f"{path}/stats/{u:06d}.npz", data)
+        t_write += time.perf_counter() - t
+        recs.append({"unit": u, "files": {f"stats/{u:06d}.npz": {"sha256": sampling._sha(data)}}})
+    t = time.perf_counter()
+    feats, is_stats = sampling.merge_stats(sampling.read_unit_stats(fs, path, recs))
+    t_merge = time.perf_counter() - t
+    t = time.perf_counter()
+    mu, sigma = feats.mean_cov()
+    t_cov = time.perf_counter() - t
+    t = time.perf_counter()
+    is_stats.score()
+    t_is = time.perf_counter() - t
+    t = time.perf_counter()
+    fid = sampling.fid_from_stats(mu, sigma, mu + 0.01, sigma * 1.01, "eigvals")
+    t_fid = time.perf_counter() - t
+    print(f"statistics of {n:,} x {dim} features in {n // unit} units of {unit} ({device}):")
+    print(f"  accumulate in the workers (float64 Σx, Σxxᵀ + IS)  {t_update:7.2f} s in all "
+          f"({t_update / (n // unit) * 1000:.0f} ms per unit, {t_update / n * 1e6:.0f} µs/sample)")
+    print(f"  serialize + write the unit files (32 MB each)     {t_write:7.2f} s in all")
+    print(f"  driver: read {n // unit} files + sha256 + exact sum     {t_merge:7.2f} s")
+    print(f"  driver: mean / covariance                        {t_cov:7.2f} s")
+    print(f"  driver: IS from the partials                     {t_is:7.2f} s")
+    print(f"  driver: FID (eigvals, float64, D=2048)           {t_fid:7.2f} s  (fid {fid:.4f})")
+    storage.remove_stale_temps(fs, path)
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny models and sizes: a smoke run of a few seconds")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="enat-s")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--samples", type=int, default=32, help="timed samples (after a one-batch warm-up)")
+    p.add_argument("--unit", type=int, default=None, help="unit size (default: all timed samples in one unit)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--decode-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--png-threads", type=int, default=4)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--skip-merge", action="store_true")
+    args = p.parse_args()
+    if args.tiny:
+        args.batch, args.samples = min(args.batch, 8), min(args.samples, 16)
+    args.unit = args.unit or args.samples
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"host: {os.cpu_count()} CPUs visible; figures on a shared machine vary with its load")
+    throughput(args, device)
+    if not args.skip_merge:
+        merge_cost(args, device)
+
+
+if __name__ == "__main__":
+    main()
