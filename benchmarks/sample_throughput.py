@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -67,8 +68,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> None:
             secs[k] += rec["seconds"][k]
     wall = time.perf_counter() - t
     total = sum(secs.values())
-    def du(sub: str) -> int:
-        return sum(f.stat().st_size for f in (Path(out) / sub).rglob("*") if f.is_file())
+    def du(sub: str) -> int:  # bytes of the timed units' files (not the warm-up unit's)
+        return sum(f.stat().st_size for f in (Path(out) / sub).rglob("*") if f.is_file() and "010000" not in f.name)
 
     res = mcfg.grid * int(tok.downsample)
     print(f"device {device}, threads {torch.get_num_threads()}, model "
@@ -79,9 +80,10 @@ def throughput(args: argparse.Namespace, device: torch.device) -> None:
     for k, v in secs.items():
         print(f"  {k:<10} {v:8.2f} s  {100 * v / total:5.1f} %  {v / n * 1000:8.1f} ms/sample")
     print(f"  output: {du('images') / n / 1024:.1f} KiB/sample PNG tar, {du('npz') / n / 1024:.1f} KiB/sample npz, "
-          f"{du('stats') / (len(units) + 1) / 2**20:.1f} MiB statistics per unit")
+          f"{du('stats') / len(units) / 2**20:.1f} MiB statistics per unit")
     if not args.tiny:
         print(f"  50,000 samples on one such worker: {50_000 / (n / wall) / 3600:.1f} h")
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def merge_cost(args: argparse.Namespace, device: torch.device) -> None:
@@ -127,9 +129,6 @@ def merge_cost(args: argparse.Namespace, device: torch.device) -> None:
     print(f"  driver: mean / covariance                        {t_cov:7.2f} s")
     print(f"  driver: IS from the partials                     {t_is:7.2f} s")
     print(f"  driver: FID (eigvals, float64, D=2048)           {t_fid:7.2f} s  (fid {fid:.4f})")
-    storage.remove_stale_temps(fs, path)
-    import shutil
-
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -12,7 +12,6 @@ Prints figures only; it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time

@@ -18,7 +18,7 @@ tokens that are always visible (see `ENATConfig.text_dim`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple, Optional
 
 import torch

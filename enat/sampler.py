@@ -184,7 +184,7 @@ def _step(model: ENAT, net, k: int, config: SamplerConfig, counts: list[int], id
           mods_both: list[Tensor], generator: Optional[torch.Generator],
           callback: Optional[Callable[[int, Tensor], None]]):
     """One sampling step: forward the streams, guide, sample, re-mask; returns the next step's state."""
-    B, T, device = ids.shape[0], model.num_text_tokens, ids.device
+    B, T = ids.shape[0], model.num_text_tokens
     ratio = 1.0 * (k + 1) / config.steps
     s_k = k / config.steps * config.cfg_scale             # official: set to ratio*cfg after each step
     # step 0 of a class model: the unconditional pass has weight 0 and nothing to pass on

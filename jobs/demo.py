@@ -133,7 +133,7 @@ def run(out: Path, size: str = "small", store: Optional[str] = None, inception: 
     from pipeline.config import RayConfig
     started = init_ray(RayConfig(num_cpus=max(2, os.cpu_count() or 2)))
     try:
-        common = [f"tokenizer.kind=patch", f"tokenizer.weights={tok_uri}", f"image.resolution={RES}",
+        common = ["tokenizer.kind=patch", f"tokenizer.weights={tok_uri}", f"image.resolution={RES}",
                   "tokenize.samples_per_shard=250", "tokenize.batch_size=256", *stor]
         summary = tokenize_job.main([f"source.root={out / 'data' / 'imagenet'}", "source.kind=imagefolder",
                                      f"tokenize.out={storage.join(store, 'tokens', 'digits')}", *common])
@@ -202,7 +202,7 @@ def offline_score(fs, samples_path: str, s: dict, seed: int, tok) -> dict[str, f
     """How often a small CNN trained on the real digits recognises the requested class: in the job's
     samples, in samples of the untrained model (same size, same sampler) and on held-out real digits."""
     import enat
-    from jobs.core_demo import Classifier, class_accuracy, train_classifier
+    from jobs.core_demo import class_accuracy, train_classifier
     imgs, labels = digits(180)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
     y = torch.from_numpy(labels).long()

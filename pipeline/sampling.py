@@ -42,8 +42,6 @@ import hashlib
 import inspect
 import io
 import json
-import math
-import os
 import sys
 import threading
 import time
@@ -873,29 +871,36 @@ def merge_stats(partials: Iterable[tuple[FeatureStats, Optional[ISStats]]]
     return feats, is_stats
 
 
-def _prefetch(fs: Any, paths: Sequence[str], window: int = 4) -> Iterator[tuple[str, bytes]]:
-    """Read ``paths`` in order with up to ``window`` reads in flight (bounded memory)."""
+def _prefetch(fs: Any, paths: Sequence[str], window: int = 4,
+              read: Optional[Callable[[str], Any]] = None) -> Iterator[tuple[str, Any]]:
+    """``read(path)`` (default: the bytes) of ``paths`` in order, up to ``window`` reads in flight
+    (bounded memory; reads and hashing overlap across threads)."""
+    read = read or fs.cat_file
     with cf.ThreadPoolExecutor(window) as ex:
         pending: collections.deque = collections.deque()
         it = iter(paths)
         for p in it:
-            pending.append((p, ex.submit(fs.cat_file, p)))
+            pending.append((p, ex.submit(read, p)))
             if len(pending) >= window:
                 break
         while pending:
             p, fut = pending.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, ex.submit(fs.cat_file, nxt)))
+                pending.append((nxt, ex.submit(read, nxt)))
             yield p, fut.result()
 
 
 def read_unit_stats(fs: Any, out: str, records: Sequence[dict]) -> Iterator[tuple[FeatureStats, Optional[ISStats]]]:
     """The statistics of ``records`` in order, each checked against its recorded sha256."""
+    def read(p: str) -> tuple[bytes, str]:
+        data = fs.cat_file(p)
+        return data, _sha(data)  # hashlib releases the GIL: the reader threads hash in parallel
+
     paths = [f"{out}/stats/{r['unit']:06d}.npz" for r in records]
-    for rec, (p, data) in zip(records, _prefetch(fs, paths)):
+    for rec, (p, (data, sha)) in zip(records, _prefetch(fs, paths, read=read)):
         want = rec["files"][f"stats/{rec['unit']:06d}.npz"]["sha256"]
-        if _sha(data) != want:
+        if sha != want:
             raise ValueError(f"{storage.redact(storage.to_url(fs, p))}: sha256 differs from its commit record "
                              f"(overwritten by another job?); delete the unit's _parts record and rerun")
         yield stats_from_npz(data)
@@ -1024,6 +1029,10 @@ def run_sample(cfg: SampleJobConfig, log: Callable[[str], None] = print) -> dict
         ref = load_reference_stats(data)
         ref_id = {"uri": storage.redact(cfg.fid.reference), "sha256": _sha(data)}
     old_plan = _check_plan_file(fs, out, plan, cfg.output.overwrite, cfg.output.uri)
+    if old_plan is not None and old_plan.get("fingerprint") != plan.fingerprint:  # output.overwrite
+        for name in ("manifest.json", "results.json"):  # the old sample set is no longer complete
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(f"{out}/{name}")
 
     run = _start_tracking(cfg, plan, old_plan) if cfg.mlflow.enabled else None
     status = "FAILED"

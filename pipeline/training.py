@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ import torch
 import enat
 from enat.objective import ObjectiveConfig
 from pipeline import storage
-from pipeline.config import ConfigError, RayConfig, ReaderConfig, StorageConfig, config_to_dict
+from pipeline.config import RayConfig, ReaderConfig, StorageConfig, config_to_dict
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -530,7 +529,6 @@ def _dataset_tokenizer(cfg: TrainJobConfig, dataset: dict):
 def run_ray(cfg: TrainJobConfig) -> Any:
     """Run training under Ray Train; returns Ray's Result. Resumes automatically from the latest
     checkpoint of the same run name in storage, and restarts lost workers (`scaling.max_failures`)."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 
 import enat
-from enat.fid import FeatureStats, FIDInception, ISStats, frechet_distance, inception_score
+from enat.fid import FeatureStats, FIDInception, ISStats, inception_score
 from pipeline import sampling
 from pipeline.config import ConfigError, load_config
 from pipeline.sampling import SampleJobConfig
@@ -196,27 +196,24 @@ def test_plan_is_balanced_and_independent_of_workers(tmp_path, assets):
 def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlflow_server, subprocess_env):
     import mlflow
 
-    # reference statistics of "real" images, by the fid-stats job
-    from jobs.fid_stats import main as fid_stats_main
-
-    ref = fid_stats_main([f"source.root={assets / 'real'}", "source.resolution=32", "source.unit_size=5",
-                          "source.batch_size=4", f"inception.weights={assets / 'inception.pt'}",
-                          f"output={tmp_path / 'ref'}", "compute.progress=false"])
-    assert ref["n"] == 12 and ref["rejected"] == 1 and ref["rejected_by_reason"] == {"not-an-image": 1}
-    ref_mu, ref_sigma = enat.fid.load_reference_stats(str(tmp_path / "ref" / "fid_stats.npz"))
-
-    # 1) the uninterrupted run: 2 actors x 2 units in flight, a child MLflow run of a "training" run, FID by scipy's sqrtm
+    # 1) the uninterrupted run: 2 actors x 2 units in flight, the reference statistics computed by the same
+    # job from a folder of "real" images, a child MLflow run of a "training" run
     client = mlflow.MlflowClient(mlflow_server)
     exp = client.create_experiment("enat-sample-test")
     train_run = client.create_run(exp, run_name="train").info.run_id
     out = tmp_path / "full"
-    cfg = _job_config(assets, out, fid__reference=str(tmp_path / "ref" / "fid_stats.npz"),
-                      output__adm_npz=True, compute__units_in_flight=2, mlflow__enabled=True,
-                      mlflow__tracking_uri=mlflow_server,
-                      mlflow__parent_run_id=train_run, mlflow__step=5000)
+    real = {"kind": "folder", "root": str(assets / "real"), "resolution": 32, "unit_size": 5, "batch_size": 4}
+    cfg = _job_config(assets, out, fid__reference_images=real, output__adm_npz=True, compute__units_in_flight=2,
+                      mlflow__enabled=True, mlflow__tracking_uri=mlflow_server, mlflow__parent_run_id=train_run,
+                      mlflow__step=5000)
     res = _run(cfg, tmp_path)
     assert res["num_samples"] == N and res["units_run"] == 6
-    assert (res["num_labels"], res["label_counts_min"], res["label_counts_max"]) == (CLASSES, N // CLASSES, N // CLASSES)
+    ref = json.loads((out / "reference" / "manifest.json").read_text())["results"]
+    assert ref["n"] == 12 and ref["rejected"] == 1 and ref["rejected_by_reason"] == {"not-an-image": 1}
+    assert res["reference"]["computed"] and res["reference"]["sha256"] == ref["sha256"]
+    ref_mu, ref_sigma = enat.fid.load_reference_stats(str(out / "reference" / "fid_stats.npz"))
+    per_class = N // CLASSES
+    assert (res["num_labels"], res["label_counts_min"], res["label_counts_max"]) == (CLASSES, per_class, per_class)
 
     # the samples: exact count, each index once, class balance exact, PNG == npz pixels, ADM npz == units
     keys, cls, arrays, labels = [], [], [], []
@@ -265,7 +262,8 @@ def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlfl
     assert run.data.metrics["fid"] == pytest.approx(res["fid"]) and run.data.metrics["n_samples"] == N
     assert run.data.metrics["is"] == pytest.approx(res["is"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "fid")] == [5000]
-    assert run.data.params["sampler.preset"] == "imagenet-256" and run.data.params["resolved_sampler.cfg_scale"] == "2.5"
+    assert run.data.params["sampler.preset"] == "imagenet-256"
+    assert run.data.params["resolved_sampler.cfg_scale"] == "2.5" and run.data.params["plan.num_samples"] == str(N)
     assert run.data.tags["fid_available"] == "true"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert "samples/grid.png" in artifacts
@@ -320,41 +318,56 @@ def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlfl
         _run({**kcfg, "ray": {}, "plan": {**kcfg["plan"], "seed": 8}}, tmp_path)
 
 
-def test_text_model_captions_without_inception(ray_local, assets, tmp_path):
-    """A caption-conditioned model (architecture from config.json beside the checkpoint, as our training
-    exports it); without Inception weights the samples are still written and FID is reported unavailable."""
-    from enat.patch_vq import PatchVQ  # noqa: F401  (the tokenizer file is in assets)
+def test_text_model_captions_on_s3_without_inception(ray_local, assets, tmp_path, s3_bucket):
+    """A caption-conditioned model read from the S3 test server (architecture from config.json beside the
+    checkpoint, as our training exports it), samples written there; without Inception weights the samples
+    are still written and FID / IS are reported unavailable. Then the fid-stats job over those tars."""
     from pipeline.text import RandomTextEncoder
 
-    ckpt = tmp_path / "ckpt" / "step_000000007"
-    ckpt.mkdir(parents=True)
+    fs = s3_bucket.fs
     mcfg = tiny_config(codebook_size=32, text_dim=16, text_len=8)
     model = random_model(mcfg, seed=4)
     model.set_null_text(torch.from_numpy(RandomTextEncoder(16, 8, seed=5).encode([""])[0]).float())
-    torch.save(model.state_dict(), ckpt / "ema.pt")
-    (ckpt / "config.json").write_text(json.dumps({"model": mcfg.to_dict(), "step": 7}))
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red square\n\na blue circle\na green triangle on grass\n")
-    out = tmp_path / "text"
-    cfg = _job_config(assets, out, plan__num_samples=6, plan__captions=str(prompts), plan__unit_size=4,
-                      text__kind="random", text__dim=16, text__length=8, text__seed=5,
-                      inception__weights=None, output__features=False, output__grid=4,
-                      compute__actors=1)
-    cfg["model"] = {"checkpoint": str(ckpt / "ema.pt")}  # preset null: config.json
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    ckpt = f"{s3_bucket.bucket}/ckpt/step_000000007"
+    fs.pipe_file(f"{ckpt}/ema.pt", buf.getvalue())
+    fs.pipe_file(f"{ckpt}/config.json", json.dumps({"model": mcfg.to_dict(), "step": 7}).encode())
+    fs.pipe_file(f"{s3_bucket.bucket}/prompts.txt", b"a red square\n\na blue circle\na green triangle on grass\n")
+    out = s3_bucket.url("samples", "text")
+    cfg = _job_config(assets, tmp_path, plan__num_samples=6, plan__captions=s3_bucket.url("prompts.txt"),
+                      plan__unit_size=4, text__kind="random", text__dim=16, text__length=8, text__seed=5,
+                      inception__weights=None, output__uri=out, output__features=False, output__grid=4,
+                      compute__actors=1, storage__endpoint_url=s3_bucket.endpoint)
+    cfg["model"] = {"checkpoint": f"s3://{ckpt}/ema.pt"}  # preset null: config.json
     res = _run(cfg, tmp_path)
     assert res["num_samples"] == 6 and res["fid"] is None and res["is"] is None
     assert "no Inception weights" in res["fid_unavailable"]
-    assert not (out / "stats").exists() and not (out / "fid_stats.npz").exists()
+    root = f"{s3_bucket.bucket}/samples/text"
+    fs.invalidate_cache()
+    assert not fs.exists(f"{root}/stats") and not fs.exists(f"{root}/fid_stats.npz")
     txt = {}
     for u in range(2):
-        for name, data in _tar_members(out / "images" / f"{u:06d}.tar").items():
-            if name.endswith(".txt"):
-                txt[int(name.split(".")[0])] = data.decode()
-    assert sorted(txt) == list(range(6))
-    assert set(txt.values()) <= {"a red square", "a blue circle", "a green triangle on grass"}
-    # the plan's captions: every prompt once per pass over the (shuffled) prompts
-    assert sorted(list(txt.values())[:3]) == sorted(["a red square", "a blue circle", "a green triangle on grass"])
-    assert (out / "grid.png").exists() and json.loads((out / "results.json").read_text())["fid"] is None
+        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{root}/images/{u:06d}.tar"))) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".txt"):
+                    txt[int(m.name.split(".")[0])] = tf.extractfile(m).read().decode()
+    prompts = {"a red square", "a blue circle", "a green triangle on grass"}
+    assert sorted(txt) == list(range(6)) and set(txt.values()) <= prompts
+    assert {txt[i] for i in range(3)} == prompts  # the first pass over the shuffled prompts holds each once
+    assert fs.exists(f"{root}/grid.png") and json.loads(fs.cat_file(f"{root}/results.json"))["fid"] is None
+    assert json.loads(fs.cat_file(f"{root}/manifest.json"))["num_samples"] == 6
+
+    # the fid-stats job reads webdataset shards too (here: these samples' tars on S3)
+    from jobs.fid_stats import main as fid_stats_main
+
+    stats = fid_stats_main([f"source.root={out}/images", "source.kind=webdataset", "source.resolution=32",
+                            "source.batch_size=4", f"inception.weights={assets / 'inception.pt'}",
+                            f"output={tmp_path / 'stats'}", f"storage.endpoint_url={s3_bucket.endpoint}",
+                            "compute.progress=false"])
+    assert stats["n"] == 6 and stats["units"] == 2 and stats["rejected"] == 0
+    mu, sigma = enat.fid.load_reference_stats(str(tmp_path / "stats" / "fid_stats.npz"))
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.allclose(sigma, sigma.T)
 
 
 def test_tracking_logs_into_a_foreign_run_without_ending_it(mlflow_server):
@@ -391,3 +404,17 @@ def test_tracking_logs_into_a_foreign_run_without_ending_it(mlflow_server):
     r = client.get_run(own.run_id)
     assert r.info.status == "FINISHED" and r.data.params == {"a": "1", "b": "3"}
     assert r.data.tags["param_conflict.a"] == "2" and r.data.metrics["fid"] == 3.0
+
+
+def test_documented_example_config_loads():
+    """The example in jobs/sample.py's docstring is a valid SampleJobConfig (and the presets too)."""
+    import textwrap
+
+    import jobs.sample
+
+    block = jobs.sample.__doc__.split("every field is in pipeline.sampling)::", 1)[1]
+    cfg = load_config(SampleJobConfig, yaml.safe_load(textwrap.dedent(block)))
+    assert cfg.plan.num_samples == 50_000 and cfg.compute.actors == 8 and cfg.sampler.resolve().cfg_scale == 2.5
+    for name in sampling.SAMPLE_PRESETS:
+        cfg = jobs.sample.parse_args(["--preset", name, "model.checkpoint=x.pt", "output.uri=out"])
+        assert cfg.model.preset and cfg.plan.num_samples in (50_000, 30_000)

@@ -4,12 +4,10 @@ mid-run is restarted and resumes from the latest checkpoint with a continuous lo
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,40 +22,6 @@ COMMON = ["model.preset=enat-s", "model.encoder_depth=2", "model.decoder_depth=1
           "model.num_heads=4", "optim.lr=0.002", "optim.warmup_steps=5", "train.global_batch=32",
           "train.steps=40", "train.ema_rate=0.9", "train.log_every=5", "deepspeed.precision=fp32",
           "scaling.num_workers=2", "checkpoint.every=10", "mlflow.system_metrics=false"]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, moto_endpoint):
-    """A real `mlflow server` on 127.0.0.1: sqlite backend, proxied artifacts on the S3 test server."""
-    import s3fs
-    work = tmp_path_factory.mktemp("mlflow")
-    s3fs.S3FileSystem(endpoint_url=moto_endpoint).mkdir("mlflow-artifacts")
-    port = free_port()
-    env = {**os.environ, **service_env(), "MLFLOW_S3_ENDPOINT_URL": moto_endpoint,
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(work / "server.log", "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-                             f"sqlite:///{work}/mlflow.db", "--artifacts-destination", "s3://mlflow-artifacts/runs",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not start: {(work / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
 
 
 def _loss_curve(tracking_uri: str, run_name: str) -> dict[int, float]:
