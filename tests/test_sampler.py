@@ -184,3 +184,14 @@ def test_gumbel_noise_and_categorical_sampling_statistics():
     freq = torch.bincount(draws, minlength=4).float() / draws.numel()
     assert torch.allclose(freq, torch.softmax(logp / t, 0), atol=5e-3)
     assert draws.min() >= 0 and draws.max() <= 3
+
+
+def test_compiled_network_path_matches_eager():
+    """The torch.compile option traces the block stack (here with the eager backend: tracing and guards
+    without code generation, to keep CI fast) and gives the same tokens."""
+    cfg = tiny_config()
+    m = random_model(cfg, std=0.5)
+    y = torch.tensor([1, 2, cfg.null_class])
+    ref = enat.generate(m, y, enat.SamplerConfig(steps=4, **DET))
+    comp = enat.generate(m, y, enat.SamplerConfig(steps=4, compile=True, compile_backend="eager", **DET))
+    assert torch.equal(ref, comp)
