@@ -14,32 +14,17 @@ Undecodable files are skipped, counted and listed in ``{output}/manifest.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any, Optional, Sequence
 
-from pipeline.config import dump_config, load_config
+from pipeline.config import dump_config, parse_job_args
 from pipeline.sampling import FidStatsJobConfig, run_fid_stats
 from pipeline.storage import redact
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> FidStatsJobConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.fid_stats", description=__doc__.split("\n")[0],
-                                epilog="Every field of the config can be overridden as section.field=value.")
-    p.add_argument("--config", help="YAML file holding a FidStatsJobConfig")
-    p.add_argument("overrides", nargs="*", help="section.field=value (a leading -- is accepted)")
-    args, extra = p.parse_known_args(argv)
-    unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    base: dict[str, Any] = {}
-    if args.config:
-        import yaml
-
-        with open(args.config, encoding="utf-8") as f:
-            base = yaml.safe_load(f) or {}
-    return load_config(FidStatsJobConfig, base, list(args.overrides) + extra)
+    return parse_job_args(FidStatsJobConfig, argv, "python -m jobs.fid_stats", __doc__.split("\n")[0])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

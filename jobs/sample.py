@@ -52,33 +52,17 @@ Example config (FID-50K of ENAT-L at 256 px on 8 GPUs; every field is in pipelin
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any, Optional, Sequence
 
-from pipeline.config import dump_config, load_config, merge_dicts
+from pipeline.config import dump_config, parse_job_args
 from pipeline.sampling import SAMPLE_PRESETS, SampleJobConfig, run_sample
 from pipeline.storage import redact
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> SampleJobConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.sample", description=__doc__.split("\n")[0],
-                                epilog="Every field of the config can be overridden as section.field=value.")
-    p.add_argument("--config", help="YAML file holding a SampleJobConfig")
-    p.add_argument("--preset", choices=sorted(SAMPLE_PRESETS), help="start from a named preset")
-    p.add_argument("overrides", nargs="*", help="section.field=value (a leading -- is accepted)")
-    args, extra = p.parse_known_args(argv)
-    unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    base: dict[str, Any] = dict(SAMPLE_PRESETS[args.preset]) if args.preset else {}
-    if args.config:
-        import yaml
-
-        with open(args.config, encoding="utf-8") as f:
-            base = merge_dicts(base, yaml.safe_load(f) or {})
-    return load_config(SampleJobConfig, base, list(args.overrides) + extra)
+    return parse_job_args(SampleJobConfig, argv, "python -m jobs.sample", __doc__.split("\n")[0], SAMPLE_PRESETS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

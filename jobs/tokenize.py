@@ -13,32 +13,17 @@ first and recorded in ``{out}/dataset.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any, Optional, Sequence
 
-from pipeline.config import TOKENIZE_PRESETS, TokenizeJobConfig, dump_config, load_config, merge_dicts
+from pipeline.config import TOKENIZE_PRESETS, TokenizeJobConfig, dump_config, parse_job_args
 from pipeline.storage import redact
 from pipeline.tokenize import init_ray, run_tokenize
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TokenizeJobConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.tokenize", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML file holding a TokenizeJobConfig")
-    p.add_argument("--preset", choices=sorted(TOKENIZE_PRESETS), help="start from a named preset")
-    p.add_argument("overrides", nargs="*", help="section.field=value (a leading -- is accepted)")
-    args, extra = p.parse_known_args(argv)
-    unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    base: dict[str, Any] = dict(TOKENIZE_PRESETS[args.preset]) if args.preset else {}
-    if args.config:
-        import yaml
-
-        with open(args.config, encoding="utf-8") as f:
-            base = merge_dicts(base, yaml.safe_load(f) or {})
-    return load_config(TokenizeJobConfig, base, list(args.overrides) + extra)
+    return parse_job_args(TokenizeJobConfig, argv, "python -m jobs.tokenize", __doc__.split("\n")[0], TOKENIZE_PRESETS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

@@ -11,30 +11,16 @@ the same MLflow run. The config is validated (and the token dataset opened) befo
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any, Optional, Sequence
 
-from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.config import ConfigError, dump_config, parse_job_args
 from pipeline.storage import redact
 from pipeline.training import TrainJobConfig, model_config, run_ray, train_loop
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainJobConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0],
-                                epilog="Every field of the config can be overridden as section.field=value.")
-    p.add_argument("--config", help="YAML file holding a TrainJobConfig (see infra/configs/)")
-    p.add_argument("overrides", nargs="*", help="section.field=value")
-    args, extra = p.parse_known_args(argv)
-    unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    base: dict[str, Any] = {}
-    if args.config:
-        import yaml
-        with open(args.config, encoding="utf-8") as f:
-            base = yaml.safe_load(f) or {}
-    return load_config(TrainJobConfig, base, list(args.overrides) + extra)
+    return parse_job_args(TrainJobConfig, argv, "python -m jobs.train", __doc__.split("\n")[0])
 
 
 def validate(cfg: TrainJobConfig) -> None:

@@ -433,3 +433,32 @@ class ReaderConfig:
             raise ValueError(f"batch_size: must be ≥ 1, got {self.batch_size}")
         if self.resampled and not self.batches_per_epoch:
             raise ValueError("batches_per_epoch: required with resampled=true (the stream is infinite)")
+
+
+def parse_job_args(cls: type[T], argv: Optional[Sequence[str]], prog: str, description: str,
+                   presets: Optional[Mapping[str, Mapping[str, Any]]] = None) -> T:
+    """The command line every job shares: ``[--preset NAME] [--config x.yaml] [section.field=value ...]``.
+
+    The preset is the base, the YAML file is merged over it, the overrides are applied last; the result
+    is validated by :func:`load_config` (errors name the field) before any work starts.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                epilog="Every field of the config can be overridden as section.field=value.")
+    p.add_argument("--config", help=f"YAML file holding a {cls.__name__}")
+    if presets:
+        p.add_argument("--preset", choices=sorted(presets), help="start from a named preset")
+    p.add_argument("overrides", nargs="*", help="section.field=value (a leading -- is accepted)")
+    args, extra = p.parse_known_args(argv)
+    unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    base: dict[str, Any] = dict(presets[args.preset]) if presets and args.preset else {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{args.config}: expected a mapping at the top level, got {type(loaded).__name__}")
+        base = merge_dicts(base, loaded)
+    return load_config(cls, base, list(args.overrides) + extra)
