@@ -162,3 +162,23 @@ def test_torchrun_launcher_without_ray(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from step 12" in r.stdout
     assert (tmp_path / "ckpt" / "enat" / "step_000000016" / "ema.pt").exists()
+
+
+def test_zero3_with_gradient_accumulation_two_processes(tmp_path):
+    """ZeRO-3 (parameters partitioned: the EMA update gathers them) with 2 micro-steps per step, on two
+    processes started by torch's own launcher (the no-Ray path)."""
+    root = str(tmp_path / "tok")
+    write_shapes_dataset(root)
+    args = COMMON + [f"data.root={root}", "launcher=torchrun", "deepspeed.zero_stage=3", "deepspeed.micro_batch=8",
+                     "train.steps=6", "checkpoint.every=6", f"checkpoint.uri={tmp_path / 'ckpt'}",
+                     f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", "train.log_every=3"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(free_port()), "-m", "jobs.train", *args],
+                       capture_output=True, text=True, timeout=400, cwd=str(Path(__file__).resolve().parents[1]),
+                       env={**os.environ, **service_env(), "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step 6/6" in r.stdout
+    ckpt = tmp_path / "ckpt" / "enat" / "step_000000006"
+    assert (ckpt / "COMPLETE").exists()
+    ema = torch.load(ckpt / "ema.pt")
+    assert ema["blocks.0.attn.q.weight"].shape == (64, 64)             # full (gathered) EMA weights
