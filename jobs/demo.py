@@ -114,7 +114,6 @@ def run(out: Path, size: str = "small", store: Optional[str] = None, inception: 
     store = store or str(out / "store")
     stor = [f"storage.endpoint_url={endpoint_url}"] if endpoint_url else []
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = tracking
     report: dict[str, Any] = {"out": str(out), "store": store, "tracking_uri": tracking}
 
     _log(f"[demo 1/5] data: real handwritten digits -> {out / 'data'}")

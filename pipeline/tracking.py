@@ -206,6 +206,8 @@ def start_run(uri: Optional[str] = None, experiment: Optional[str] = "enat", run
     while mlflow.active_run() is not None:
         mlflow.end_run()
     if run_id:
+        # the process-wide active experiment (set_experiment elsewhere) must match the run's
+        mlflow.set_experiment(experiment_id=existing.info.experiment_id)
         active = mlflow.start_run(run_id=run_id, experiment_id=existing.info.experiment_id,
                                   log_system_metrics=system_metrics)
         if clean_tags:
@@ -222,6 +224,8 @@ def start_run(uri: Optional[str] = None, experiment: Optional[str] = "enat", run
             exp_id = parent.info.experiment_id
     if exp_id is None:
         exp_id = _experiment_id(mlflow, experiment or "enat", uri)
+    # the process-wide active experiment (set_experiment elsewhere) must match the run's
+    mlflow.set_experiment(experiment_id=exp_id)
     active = mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id,
                               log_system_metrics=system_metrics, tags=clean_tags)
     return Run(client, active.info.run_id, active.info.experiment_id, resumed=False, owns=True)
