@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import fid_recipe_state_dict
 import torch
 
 from enat import fid
@@ -17,20 +18,6 @@ from enat.fid import (FeatureStats, FIDInception, ISStats, frechet_distance, inc
 GOLDEN = Path(__file__).parent / "golden" / "fid_inception_small.pt"
 
 
-def golden_state_dict(layout, seed):
-    """Copy of tests/golden/make_fid_golden.py:golden_state_dict (keep in sync)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in sorted(layout):
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(0, dtype=torch.int64)
-        elif key.endswith(("running_var", "bn.weight")):
-            sd[key] = torch.rand(shape, generator=g) + 0.5
-        elif key.endswith(("running_mean", "bn.bias", "fc.bias")):
-            sd[key] = torch.randn(shape, generator=g) * 0.1
-        else:
-            sd[key] = torch.randn(shape, generator=g) * math.sqrt(2.0 / math.prod(shape[1:]))
-    return sd
 
 
 def checksum(sd):
@@ -53,7 +40,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def golden_sd(golden):
-    sd = golden_state_dict(golden["layout"], golden["seed"])
+    sd = fid_recipe_state_dict(golden["layout"], golden["seed"])
     assert checksum(sd) == golden["checksum"], "torch's RNG changed: regenerate with make_fid_golden.py"
     return sd
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -31,7 +29,7 @@ from enat.fid import FeatureStats, FIDInception, ISStats, inception_score
 from pipeline import sampling
 from pipeline.config import ConfigError, load_config
 from pipeline.sampling import SampleJobConfig
-from tests.helpers import random_model, tiny_config
+from tests.helpers import fid_recipe_state_dict, kill_after_commits, random_model, tiny_config
 
 N, CLASSES, UNIT, BATCH = 32, 4, 6, 4  # 6 units (the last holds 2), 2 batches per unit
 TINY = {"preset": "enat-s", "encoder_depth": 2, "decoder_depth": 1, "dim": 32, "num_heads": 4, "seq_len": 16,
@@ -43,21 +41,8 @@ TINY = {"preset": "enat-s", "encoder_depth": 2, "decoder_depth": 1, "dim": 32, "
 
 
 def _inception_state_dict(seed: int = 0) -> dict:
-    """Well-scaled random weights in pytorch-fid's layout (He-normal convs, random BatchNorm statistics),
-    so that features do not vanish through the 94 conv layers."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, v in FIDInception().state_dict().items():
-        shape = tuple(v.shape)
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(0, dtype=torch.int64)
-        elif key.endswith(("running_var", "bn.weight")):
-            sd[key] = torch.rand(shape, generator=g) + 0.5
-        elif key.endswith(("running_mean", "bn.bias", "fc.bias")):
-            sd[key] = torch.randn(shape, generator=g) * 0.1
-        else:
-            sd[key] = torch.randn(shape, generator=g) * math.sqrt(2.0 / math.prod(shape[1:]))
-    return sd
+    layout = [(k, tuple(v.shape)) for k, v in FIDInception().state_dict().items()]
+    return fid_recipe_state_dict(layout, seed)
 
 
 @pytest.fixture(scope="module")
@@ -280,19 +265,10 @@ def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlfl
     proc = subprocess.Popen([sys.executable, "-m", "jobs.sample", "--config", str(path)], cwd=tmp_path,
                             env=subprocess_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     parts = killed / "_parts"
-    deadline = time.time() + 120
     try:
-        while len(list(parts.glob("*.json"))) < 2:
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline, "no unit committed in time"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-        proc.wait(30)
+        n_committed = kill_after_commits(proc, parts, 2, tmp_path / "killed.log", "unit")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-    n_committed = len(list(parts.glob("*.json")))
     assert 2 <= n_committed < 6, n_committed
     assert not (killed / "manifest.json").exists()  # readers see no sample set yet
 

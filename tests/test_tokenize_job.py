@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+from tests.helpers import kill_after_commits
 import torch
 import yaml
 from PIL import Image
@@ -226,19 +228,10 @@ def test_kill_midway_then_rerun_is_complete_and_identical(ray_local, make_folder
     proc = subprocess.Popen([sys.executable, "-m", "jobs.tokenize", "--config", str(path)], cwd=tmp_path, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     parts = out / "train" / "_parts"
-    deadline = time.time() + 120
     try:
-        while len(list(parts.glob("*.json"))) < 2:
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline, "no shard committed in time"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-        proc.wait(30)
+        committed = kill_after_commits(proc, parts, 2, tmp_path / "killed.log", "shard")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-    committed = len(list(parts.glob("*.json")))
     n_shards = -(-n_images // 2)
     assert 2 <= committed < n_shards, committed
     assert not (out / "train" / "manifest.parquet").exists()  # readers see no dataset yet

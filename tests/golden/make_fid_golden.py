@@ -55,25 +55,10 @@ SEED = 20241107
 
 
 def golden_state_dict(layout: list[tuple[str, tuple[int, ...]]], seed: int) -> dict[str, torch.Tensor]:
-    """Deterministic random weights for a key layout: keys in sorted order from one torch.Generator.
-
-    Scales keep activations O(1) through 94 conv+BN layers so features depend on the input: He-normal
-    conv / fc weights, BN gamma and running_var in [0.5, 1.5), beta, running_mean and fc bias N(0, 0.1²).
-    Keep in sync with the copy in tests/test_fid.py.
-    """
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in sorted(layout):
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(0, dtype=torch.int64)
-        elif key.endswith(("running_var", "bn.weight")):
-            sd[key] = torch.rand(shape, generator=g) + 0.5
-        elif key.endswith(("running_mean", "bn.bias", "fc.bias")):
-            sd[key] = torch.randn(shape, generator=g) * 0.1
-        else:  # conv.weight [out, in, kh, kw], fc.weight [1008, 2048]
-            fan_in = math.prod(shape[1:])
-            sd[key] = torch.randn(shape, generator=g) * math.sqrt(2.0 / fan_in)
-    return sd
+    """The seeded weight recipe shared with the tests (tests/helpers.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.helpers import fid_recipe_state_dict
+    return fid_recipe_state_dict(layout, seed)
 
 
 def checksum(sd: dict[str, torch.Tensor]) -> str:
