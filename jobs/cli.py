@@ -46,8 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[cmd][0])
     sys.argv = [f"enat {cmd}", *rest]
-    module.main(rest)
-    return 0
+    rc = module.main(rest)
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

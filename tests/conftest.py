@@ -7,6 +7,7 @@ ever reach a real account; the user's AWS config files are ignored.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -356,3 +357,50 @@ def mlflow_server(tmp_path_factory, moto_endpoint):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real Ray head for `ray job submit` tests
+
+
+@contextlib.contextmanager
+def local_ray_head(env: dict[str, str]):
+    """`ray start --head` on free loopback ports, its own process group and temp dir (no clash with any
+    other Ray on the machine); yields the dashboard URL once its job agent accepts jobs; stopped by
+    process group. `env` should put the venv's bin first on PATH: a job's `python` is the head's."""
+    import shutil
+    import signal
+    import tempfile
+
+    from ray.job_submission import JobSubmissionClient
+
+    gcs, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths are length-limited
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             "--num-cpus=2", "--object-store-memory=100000000", "--disable-usage-stats",
+                             f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={free_port()}",
+                             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                             f"--metrics-export-port={free_port()}", f"--ray-client-server-port={free_port()}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                JobSubmissionClient(url).list_jobs()
+                break
+            except Exception:  # not up yet (connection refused / "No available agent")
+                assert head.poll() is None and time.time() < deadline, "ray head did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)

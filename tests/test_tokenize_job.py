@@ -2,10 +2,8 @@
 records, determinism, kill-and-resume, and an S3 round trip against a moto server."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -328,44 +326,20 @@ def _free_port() -> int:
 
 
 def test_runs_under_ray_job_submit(make_folder, patch_tokenizer, tmp_path, subprocess_env):
-    import shutil
-    import tempfile
-    import urllib.request
-
     from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from tests.conftest import local_ray_head
 
     weights, _ = patch_tokenizer
     data = make_folder(tmp_path / "src", per_class=3, bad=False)
     out = tmp_path / "out"
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(data.root, out, weights, tokenize__progress=False)))
-    gcs, dash = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     env = {**subprocess_env, "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-                             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             "--num-cpus=2", "--object-store-memory=100000000", "--disable-usage-stats",
-                             f"--temp-dir={temp_dir}",
-                             # fixed default ports would clash with any other Ray on this machine
-                             f"--dashboard-agent-listen-port={_free_port()}",
-                             f"--dashboard-agent-grpc-port={_free_port()}",
-                             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                             f"--ray-client-server-port={_free_port()}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/api/version", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert head.poll() is None and time.time() < deadline, "ray head did not start"
-            time.sleep(0.3)
+    with local_ray_head(env) as url:
         client = JobSubmissionClient(url)
+        deadline = time.time() + 90
         while True:  # the dashboard answers before its job agent is ready ("No available agent")
             try:
                 job = client.submit_job(entrypoint=f"{sys.executable} -m jobs.tokenize --config {cfg_path}",
@@ -381,16 +355,6 @@ def test_runs_under_ray_job_submit(make_folder, patch_tokenizer, tmp_path, subpr
         logs = client.get_job_logs(job)
         assert status == JobStatus.SUCCEEDED, logs[-3000:]
         assert "[tokenize] summary" in logs and "Started a local Ray instance" not in logs  # it joined the head
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # whatever of that head is left
-        shutil.rmtree(temp_dir, ignore_errors=True)
     man = pq.read_table(out / "train" / "manifest.parquet").to_pylist()
     assert sum(m["samples"] for m in man) == len(data.files)
 
