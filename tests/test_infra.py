@@ -67,3 +67,17 @@ def test_cluster_launcher_and_mlflow_and_dockerfile():
     assert "postgresql" in (INFRA / "mlflow" / "mlflow.yaml").read_text()
     docker = (INFRA / "docker" / "Dockerfile").read_text()
     assert 'pip install -e "' in docker and "--no-build-isolation" in docker and "deepspeed" in docker
+
+
+def test_guide_commands_reference_real_files_and_subcommands():
+    import re
+
+    from jobs.cli import COMMANDS
+    guide = (INFRA.parent / "docs" / "guide-imagenet256.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", guide, flags=re.S))
+    for path in re.findall(r"(infra/[\w./-]+\.(?:yaml|sh|json)|infra/docker/Dockerfile)", blocks):
+        assert (INFRA.parent / path).exists(), path
+    for sub in re.findall(r"enat submit -- ([\w-]+)", blocks):
+        assert sub in COMMANDS, sub
+    for sub in re.findall(r"^enat ([\w-]+)", blocks, flags=re.M):
+        assert sub in COMMANDS, sub
