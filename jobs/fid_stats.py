@@ -31,16 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the job; returns {stats (URL of fid_stats.npz), sha256, n, rejected, …}."""
     cfg = parse_args(argv)
     print("[fid-stats] config:\n" + redact(dump_config(cfg)), flush=True)
-    from pipeline.tokenize import init_ray
+    from pipeline.tokenize import ray_session
 
-    started = init_ray(cfg.ray)
-    try:
+    with ray_session(cfg.ray):
         summary = run_fid_stats(cfg, log=lambda m: print(m, flush=True))
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print("[fid-stats] results: " + redact(json.dumps(summary)), flush=True)
     return summary
 

@@ -69,16 +69,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the job; returns the results summary (fid, is, num_samples, timings …)."""
     cfg = parse_args(argv)
     print("[sample] config:\n" + redact(dump_config(cfg)), flush=True)
-    from pipeline.tokenize import init_ray
+    from pipeline.tokenize import ray_session
 
-    started = init_ray(cfg.ray)
-    try:
+    with ray_session(cfg.ray):
         summary = run_sample(cfg, log=lambda m: print(m, flush=True))
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print("[sample] results: " + redact(json.dumps(summary)), flush=True)
     return summary
 

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 from pipeline.config import TOKENIZE_PRESETS, TokenizeJobConfig, dump_config, parse_job_args
 from pipeline.storage import redact
-from pipeline.tokenize import init_ray, run_tokenize
+from pipeline.tokenize import run_tokenize
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TokenizeJobConfig:
@@ -30,14 +30,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the job; returns the summary (read / written / converted / rejected per split)."""
     cfg = parse_args(argv)
     print("[tokenize] config:\n" + redact(dump_config(cfg)), flush=True)
-    started = init_ray(cfg.ray)
-    try:
-        summary = run_tokenize(cfg, log=lambda m: print(m, flush=True))
-    finally:
-        if started:
-            import ray
+    from pipeline.tokenize import ray_session
 
-            ray.shutdown()
+    with ray_session(cfg.ray):
+        summary = run_tokenize(cfg, log=lambda m: print(m, flush=True))
     print("[tokenize] summary: " + redact(json.dumps(summary)), flush=True)
     return summary
 

@@ -40,14 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
         from pipeline.config import config_to_dict
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
         return train_loop({"config": config_to_dict(cfg)})
-    from pipeline.tokenize import init_ray
-    started = init_ray(cfg.ray)
-    try:
+    from pipeline.tokenize import ray_session
+    with ray_session(cfg.ray):
         result = run_ray(cfg)
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
     if result.error:
         raise SystemExit(f"[train] failed: {result.error}")
     print(f"[train] done; latest checkpoint: {result.checkpoint}", flush=True)

@@ -79,6 +79,19 @@ def init_ray(cfg: RayConfig = RayConfig()) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig = RayConfig()):
+    """`init_ray` for the duration of a job: shuts Ray down afterwards only if this call started it."""
+    started = init_ray(cfg)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tokenizer and identities
 
