@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.tokenize import LOOPBACK_ENV  # noqa: E402
+from pipeline.cluster import LOOPBACK_ENV  # noqa: E402
 
 for _k, _v in LOOPBACK_ENV.items():  # an embedded Ray stays on 127.0.0.1
     os.environ.setdefault(_k, _v)
@@ -169,7 +169,8 @@ def run_ray(data: Path, weights: str | None, tokenizer: str, resolution: int, wo
     import ray
 
     from pipeline.config import TokenizeJobConfig, load_config
-    from pipeline.tokenize import init_ray, run_tokenize
+    from pipeline.cluster import init_ray
+    from pipeline.tokenize import run_tokenize
 
     per_shard = args.samples_per_shard
     cfg = load_config(TokenizeJobConfig, {

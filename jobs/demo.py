@@ -105,7 +105,7 @@ def run(out: Path, size: str = "small", store: Optional[str] = None, inception: 
     from jobs import tokenize as tokenize_job
     from jobs import train as train_job
     from pipeline import storage
-    from pipeline.tokenize import init_ray
+    from pipeline.cluster import init_ray
 
     s = SIZES[size]
     t0 = time.time()

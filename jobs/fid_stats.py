@@ -31,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the job; returns {stats (URL of fid_stats.npz), sha256, n, rejected, …}."""
     cfg = parse_args(argv)
     print("[fid-stats] config:\n" + redact(dump_config(cfg)), flush=True)
-    from pipeline.tokenize import ray_session
+    from pipeline.cluster import ray_session
 
     with ray_session(cfg.ray):
         summary = run_fid_stats(cfg, log=lambda m: print(m, flush=True))

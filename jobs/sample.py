@@ -69,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the job; returns the results summary (fid, is, num_samples, timings …)."""
     cfg = parse_args(argv)
     print("[sample] config:\n" + redact(dump_config(cfg)), flush=True)
-    from pipeline.tokenize import ray_session
+    from pipeline.cluster import ray_session
 
     with ray_session(cfg.ray):
         summary = run_sample(cfg, log=lambda m: print(m, flush=True))

@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the job; returns the summary (read / written / converted / rejected per split)."""
     cfg = parse_args(argv)
     print("[tokenize] config:\n" + redact(dump_config(cfg)), flush=True)
-    from pipeline.tokenize import ray_session
+    from pipeline.cluster import ray_session
 
     with ray_session(cfg.ray):
         summary = run_tokenize(cfg, log=lambda m: print(m, flush=True))

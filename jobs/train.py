@@ -40,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
         from pipeline.config import config_to_dict
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
         return train_loop({"config": config_to_dict(cfg)})
-    from pipeline.tokenize import ray_session
+    from pipeline.cluster import ray_session
     with ray_session(cfg.ray):
         result = run_ray(cfg)
     if result.error:

@@ -37,59 +37,12 @@ import torch
 
 from pipeline import shards as shards_mod
 from pipeline import storage
-from pipeline.config import (ConfigError, RayConfig, TokenizeJobConfig, TokenizerConfig, config_to_dict,
+from pipeline.config import (ConfigError, TokenizeJobConfig, TokenizerConfig, config_to_dict,
                              load_config)
 from pipeline.images import decode_and_crop
 from pipeline.sources import Item, Listing, Reject, ShardPlan, list_source, plan_shards, shard_name
 
 PARTS_DIR = "_parts"
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Ray set-up (embedded local Ray stays on 127.0.0.1)
-
-
-def worker_env() -> dict[str, str]:
-    """Env vars every Ray worker needs: loopback flags and a PYTHONPATH that finds this project."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.environ.get("PYTHONPATH", "")
-    parts = [root] + [p for p in path.split(os.pathsep) if p and p != root]
-    return {**LOOPBACK_ENV, "PYTHONPATH": os.pathsep.join(parts)}
-
-
-def init_ray(cfg: RayConfig = RayConfig()) -> bool:
-    """Connect to Ray or start an embedded local one on 127.0.0.1; True if this call started it.
-
-    Under ``ray job submit`` (RAY_ADDRESS set) or with ``ray.address`` it connects; otherwise it
-    starts a local Ray bound to loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, ecosystem §8.5).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    for k, v in LOOPBACK_ENV.items():
-        os.environ.setdefault(k, v)
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:  # the cluster's / job's runtime_env (working_dir, env_vars) applies as submitted
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, object_store_memory=cfg.object_store_memory,
-                 include_dashboard=False, runtime_env={"env_vars": worker_env()})
-    return True
-
-
-@contextlib.contextmanager
-def ray_session(cfg: RayConfig = RayConfig()):
-    """`init_ray` for the duration of a job: shuts Ray down afterwards only if this call started it."""
-    started = init_ray(cfg)
-    try:
-        yield
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------------

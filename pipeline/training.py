@@ -532,7 +532,7 @@ def run_ray(cfg: TrainJobConfig) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.tokenize import worker_env
+    from pipeline.cluster import worker_env
     fs, path = storage.filesystem(cfg.checkpoint.uri, cfg.storage)
     storage_fs = None
     if not storage.is_local(fs):

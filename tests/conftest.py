@@ -131,7 +131,7 @@ def ray_local():
     """A local Ray on 127.0.0.1 for the session: 2 CPUs, 200 MB object store."""
     import ray
 
-    from pipeline.tokenize import worker_env
+    from pipeline.cluster import worker_env
 
     started = False
     if not ray.is_initialized():
