@@ -65,7 +65,7 @@ def stats_cost(device: torch.device, n: int, dim: int, chunk: int) -> dict[str, 
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="batch 2, 2 iterations, 2,000 x 256 features")
     ap.add_argument("--device", default="cpu")
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=500)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.tiny:
         args.batch, args.iters, args.n, args.dim = 2, 2, 2_000, 256
     device = torch.device(args.device)

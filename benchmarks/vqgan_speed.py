@@ -44,7 +44,7 @@ def elapsed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--resolution", type=int, default=None, help="default: the config's (256; 64 with --tiny)")
@@ -55,7 +55,7 @@ def main() -> None:
                     help="also time decode under autocast with this dtype")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

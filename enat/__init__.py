@@ -13,6 +13,7 @@ _LAZY = {
     "VQGAN": "vqgan", "VQGANConfig": "vqgan", "center_crop_arr": "vqgan",
     "PatchVQ": "patch_vq",
     "FIDInception": "fid", "frechet_distance": "fid",
+    "inception_score": "fid", "ISStats": "fid", "FeatureStats": "fid",
 }
 
 

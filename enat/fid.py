@@ -8,10 +8,12 @@ so that file loads key for key.
 
 Statistics are exact and mergeable so that a sharded evaluation reduces to the single-pass numbers
 (ecosystem.md §5.3): `FeatureStats` keeps (n, Σx, Σxxᵀ) in float64, `ISStats` keeps per-split
-(n_k, Σp, Σ p·log p) with the split a function of the global sample index, never of the worker.
+(n_k, Σp, Σ p·log p) with the split a function of the global sample index, never of the worker. The
+Inception Score follows torch-fidelity's default protocol (seeded shuffle, then 10 splits).
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -484,13 +486,45 @@ class FeatureStats:
 # Inception Score
 # ----------------------------------------------------------------------------------------------------
 
-def is_split_index(index: Tensor, total: int, splits: int) -> Tensor:
-    """Split of each global sample index (int64 [B] → int64 [B]) for `splits` contiguous splits of
-    `total` samples in index order: split k holds indices [⌊k·total/splits⌋, ⌊(k+1)·total/splits⌋),
-    the slicing of torch-fidelity's `isc_features_to_metric` (with `samples_shuffle=False`). When
-    `splits` divides `total` this is ADM's `index // split_size` (50,000 / 10 → 5,000 per split)."""
-    # largest k with ⌊k·N/S⌋ <= i  ⇔  k·N < (i+1)·S  ⇔  k = ⌊((i+1)·S − 1) / N⌋
-    return ((index + 1) * splits - 1) // total
+# torch-fidelity's defaults (torch_fidelity/defaults.py: isc_splits 10, samples_shuffle True, rng_seed
+# 2020; metric_isc.py isc_features_to_metric): the samples are permuted by
+# np.random.RandomState(2020).permutation(N), then cut into `splits` contiguous slices
+# [k·N // splits, (k+1)·N // splits) of the permuted order.
+IS_SPLITS = 10
+IS_SHUFFLE_SEED = 2020
+
+
+def is_protocol(splits: int = IS_SPLITS, shuffle_seed: Optional[int] = IS_SHUFFLE_SEED) -> dict:
+    """A JSON-able description of an Inception Score protocol (recorded beside every IS we report):
+    {"name": "torch-fidelity" | "contiguous", "splits", "shuffle_seed"}."""
+    return {"name": "contiguous" if shuffle_seed is None else "torch-fidelity", "splits": int(splits),
+            "shuffle_seed": None if shuffle_seed is None else int(shuffle_seed)}
+
+
+@functools.lru_cache(maxsize=4)
+def _shuffled_position(total: int, seed: int) -> Tensor:
+    """int64 [total] (CPU): where sample i lands after torch-fidelity's shuffle (the inverse permutation).
+    Cached: the sampling units of one evaluation all ask for the same table. Do not modify it."""
+    perm = torch.from_numpy(np.random.RandomState(seed).permutation(total).astype(np.int64))
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(total))
+
+
+def is_split_index(index: Tensor, total: int, splits: int,
+                   shuffle_seed: Optional[int] = IS_SHUFFLE_SEED) -> Tensor:
+    """Split of each global sample index (int64 [B] → int64 [B], on the index's device) of an Inception
+    Score over `total` samples: a pure function of (index, total, splits, shuffle_seed), so any sharding
+    of the samples accumulates the same per-split partials.
+
+    `shuffle_seed=2020` (default): torch-fidelity's protocol, sample i sits at position
+    `RandomState(seed).permutation(total).argsort()[i]` and position j belongs to the slice
+    [⌊k·total/splits⌋, ⌊(k+1)·total/splits⌋) that holds it. `shuffle_seed=None`: no shuffle, contiguous
+    ranges of the index (ADM's `index // split_size` when `splits` divides `total`; a class-ordered plan
+    then puts only C/splits classes in each split, which caps the score near C/splits)."""
+    pos = index
+    if shuffle_seed is not None:
+        pos = _shuffled_position(total, shuffle_seed)[index.cpu()].to(index.device)
+    # largest k with ⌊k·N/S⌋ <= j  ⇔  k·N < (j+1)·S  ⇔  k = ⌊((j+1)·S − 1) / N⌋
+    return ((pos + 1) * splits - 1) // total
 
 
 def _is_from_partials(n: Tensor, p_sum: Tensor, plogp_sum: Tensor) -> tuple[float, float]:
@@ -502,16 +536,22 @@ def _is_from_partials(n: Tensor, p_sum: Tensor, plogp_sum: Tensor) -> tuple[floa
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def inception_score(logits: ArrayLike, splits: int = 10) -> tuple[float, float]:
-    """Inception Score of logits [N, C] in index order: (mean, std over splits), float64 softmax.
+def inception_score(logits: ArrayLike, splits: int = IS_SPLITS,
+                    shuffle_seed: Optional[int] = IS_SHUFFLE_SEED) -> tuple[float, float]:
+    """Inception Score of logits [N, C] (row i = global sample i): (mean, std over splits), float64
+    softmax, std as `np.std` (population).
 
-    Contiguous splits as `is_split_index` (torch-fidelity without shuffling; ADM when `splits`
-    divides N). Feed the *unbiased* logits (`FIDInception(logits_bias=False)`, the default) for numbers
-    comparable with ADM / torch-fidelity / improved-GAN."""
+    Default: torch-fidelity's protocol (`isc_features_to_metric` with its defaults): rows permuted by
+    `np.random.RandomState(2020).permutation(N)`, then `splits` contiguous slices of the permuted rows.
+    `shuffle_seed=None`: contiguous slices of the rows in index order (ADM's evaluator when `splits`
+    divides N). Feed the *unbiased* logits (`FIDInception(logits_bias=False)`, the default;
+    torch-fidelity's `logits_unbiased`). Raises `ValueError` for N < splits."""
     x = _torch64(logits)
     n_total = x.shape[0]
     if x.ndim != 2 or n_total < splits:
         raise ValueError(f"inception_score: expected logits [N, C] with N >= splits={splits}, got {tuple(x.shape)}")
+    if shuffle_seed is not None:
+        x = x[torch.from_numpy(np.random.RandomState(shuffle_seed).permutation(n_total)).to(x.device)]
     p, log_p = x.softmax(1), x.log_softmax(1)
     scores = []
     for k in range(splits):
@@ -525,27 +565,35 @@ def inception_score(logits: ArrayLike, splits: int = 10) -> tuple[float, float]:
 @dataclass(eq=False)
 class ISStats:
     """Mergeable Inception-Score partials: per split k, n_k, P_k = Σ softmax(logits) (float64 [C]) and
-    H_k = Σ Σ_c p log p (float64). The split of a sample is `is_split_index(index, total, splits)` of its
-    *global* index, so partials from any sharding merge to `inception_score(all_logits, splits)`."""
+    H_k = Σ Σ_c p log p (float64). The split of a sample is `is_split_index(index, total, splits,
+    shuffle_seed)` of its *global* index, so partials from any sharding, merged in any order, give
+    `inception_score(all_logits, splits, shuffle_seed)` (torch-fidelity's protocol by default)."""
 
     total: int
     n: Tensor  # int64 [splits]
     p_sum: Tensor  # float64 [splits, C]
     plogp_sum: Tensor  # float64 [splits]
+    shuffle_seed: Optional[int] = IS_SHUFFLE_SEED  # None: contiguous index ranges
 
     @classmethod
-    def empty(cls, total: int, splits: int = 10, num_classes: int = NUM_CLASSES,
-              device: Union[str, torch.device, None] = None) -> "ISStats":
+    def empty(cls, total: int, splits: int = IS_SPLITS, num_classes: int = NUM_CLASSES,
+              device: Union[str, torch.device, None] = None,
+              shuffle_seed: Optional[int] = IS_SHUFFLE_SEED) -> "ISStats":
         """No samples yet, for an evaluation of `total` samples in `splits` splits."""
         if total < splits:
             raise ValueError(f"ISStats: total={total} samples cannot fill splits={splits}")
         return cls(total, torch.zeros(splits, dtype=torch.int64, device=device),
                    torch.zeros(splits, num_classes, dtype=torch.float64, device=device),
-                   torch.zeros(splits, dtype=torch.float64, device=device))
+                   torch.zeros(splits, dtype=torch.float64, device=device), shuffle_seed)
 
     @property
     def splits(self) -> int:
         return self.n.shape[0]
+
+    @property
+    def protocol(self) -> dict:
+        """`is_protocol(splits, shuffle_seed)` of these partials."""
+        return is_protocol(self.splits, self.shuffle_seed)
 
     def update(self, logits: ArrayLike, index: Union[int, Tensor]) -> "ISStats":
         """Add logits [B, C] of the samples with global indices `index` (int64 [B], or an int: the first
@@ -562,21 +610,25 @@ class ISStats:
             raise ValueError(f"ISStats.update: {x.shape[0]} logits but {idx.shape[0]} indices")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.total):
             raise ValueError(f"ISStats.update: indices [{int(idx.min())}, {int(idx.max())}] outside [0, {self.total})")
-        k = is_split_index(idx, self.total, self.splits)
+        k = is_split_index(idx, self.total, self.splits, self.shuffle_seed)
         p, log_p = x.softmax(1), x.log_softmax(1)
         self.n += torch.bincount(k, minlength=self.splits)
         self.p_sum.index_add_(0, k, p)
         self.plogp_sum.index_add_(0, k, (p * log_p).sum(1))
         return self
 
+    def _key(self) -> tuple:
+        return self.total, self.splits, self.p_sum.shape[1], self.shuffle_seed
+
     def merge(self, other: "ISStats") -> "ISStats":
-        """A new ISStats with both sets of samples. Raises `ValueError` if total/splits/classes differ."""
-        if (other.total, other.splits, other.p_sum.shape[1]) != (self.total, self.splits, self.p_sum.shape[1]):
-            raise ValueError(f"ISStats.merge: total/splits/classes differ: {(self.total, self.splits, self.p_sum.shape[1])} "
-                             f"vs {(other.total, other.splits, other.p_sum.shape[1])}")
+        """A new ISStats with both sets of samples. Raises `ValueError` if total / splits / classes /
+        shuffle seed differ."""
+        if other._key() != self._key():
+            raise ValueError(f"ISStats.merge: (total, splits, classes, shuffle_seed) differ: {self._key()} vs "
+                             f"{other._key()}")
         dev = self.n.device
         return ISStats(self.total, self.n + other.n.to(dev), self.p_sum + other.p_sum.to(dev),
-                       self.plogp_sum + other.plogp_sum.to(dev))
+                       self.plogp_sum + other.plogp_sum.to(dev), self.shuffle_seed)
 
     __add__ = merge
 
@@ -588,15 +640,21 @@ class ISStats:
         return _is_from_partials(self.n.to(torch.float64), self.p_sum, self.plogp_sum)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """{"total": int64 scalar, "n": int64 [S], "p_sum": float64 [S, C], "plogp_sum": float64 [S]} (CPU)."""
+        """{"total": int64 scalar, "n": int64 [S], "p_sum": float64 [S, C], "plogp_sum": float64 [S],
+        "shuffle_seed": int64 scalar (-1: contiguous)} (CPU)."""
+        seed = -1 if self.shuffle_seed is None else self.shuffle_seed
         return {"total": torch.tensor(self.total, dtype=torch.int64), "n": self.n.cpu(),
-                "p_sum": self.p_sum.cpu(), "plogp_sum": self.plogp_sum.cpu()}
+                "p_sum": self.p_sum.cpu(), "plogp_sum": self.plogp_sum.cpu(),
+                "shuffle_seed": torch.tensor(seed, dtype=torch.int64)}
 
     @classmethod
     def from_state_dict(cls, sd: dict, device: Union[str, torch.device, None] = None) -> "ISStats":
-        """Inverse of `state_dict`."""
+        """Inverse of `state_dict`. A state without "shuffle_seed" (written before the key existed) was
+        accumulated over contiguous splits and reads as `shuffle_seed=None`."""
         missing = {"total", "n", "p_sum", "plogp_sum"} - set(sd)
         if missing:
             raise ValueError(f"ISStats.from_state_dict: missing keys {sorted(missing)}")
+        seed = int(sd["shuffle_seed"]) if "shuffle_seed" in sd else -1
         return cls(int(sd["total"]), torch.as_tensor(sd["n"], dtype=torch.int64).to(device).clone(),
-                   _torch64(sd["p_sum"]).to(device).clone(), _torch64(sd["plogp_sum"]).to(device).clone())
+                   _torch64(sd["p_sum"]).to(device).clone(), _torch64(sd["plogp_sum"]).to(device).clone(),
+                   None if seed < 0 else seed)

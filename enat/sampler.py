@@ -91,6 +91,17 @@ def mask_schedule(seq_len: int, steps: int) -> list[int]:
     return counts
 
 
+def check_generator(generator: Optional[torch.Generator], device: torch.device, what: str = "generate") -> None:
+    """Raise `ValueError` unless `generator` (if any) lives on `device`: every random draw of the
+    sampler is made on the device of the tensor it draws for (a CPU generator cannot drive CUDA draws)."""
+    if generator is None:
+        return
+    g = generator.device
+    if g.type != device.type or (g.index is not None and device.index is not None and g.index != device.index):
+        raise ValueError(f"{what}: the generator is on {g} but the model is on {device}; build it on the "
+                         f"model's device: torch.Generator({str(device)!r}).manual_seed(seed)")
+
+
 def _categorical(logp: Tensor, temp: float, generator: Optional[torch.Generator]) -> Tensor:
     """One draw per row from Categorical(logits = logp / temp) by inverse CDF: one uniform per row
     instead of a Gumbel per class (half the cost of Gumbel-max on CPU). logp (..., K) -> (...)."""
@@ -100,9 +111,10 @@ def _categorical(logp: Tensor, temp: float, generator: Optional[torch.Generator]
     return torch.searchsorted(c, u, right=True).squeeze(-1).clamp_(max=c.shape[-1] - 1)
 
 
-def _gumbel(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-    """Standard Gumbel noise: -log(E) with E ~ Exp(1)."""
-    e = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
+def _gumbel(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device,
+            dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard Gumbel noise of `dtype` on `device`: -log(E) with E ~ Exp(1)."""
+    e = torch.empty(shape, device=device, dtype=dtype).exponential_(generator=generator)
     return -torch.log(e)
 
 
@@ -114,10 +126,11 @@ def generate(model: ENAT, cond: Tensor, config: SamplerConfig = SamplerConfig(),
 
     model: an ENAT (eval mode is set for the call). cond: LongTensor (B,) class labels (`num_classes`
     is the null class) or, for text models, FloatTensor (B, text_len, text_dim). Returns LongTensor
-    (B, seq_len) of codebook ids in [0, codebook_size). Reproducible given `generator` (on the model's
-    device); all randomness is drawn on that device. `callback(step, ids)`, if given, sees the ids after
-    each step (`codebook_size` where still [MASK]).
+    (B, seq_len) of codebook ids in [0, codebook_size). Reproducible given `generator`, which must live on
+    the model's device (`ValueError` otherwise); all randomness is drawn on that device.
+    `callback(step, ids)`, if given, sees the ids after each step (`codebook_size` where still [MASK]).
     """
+    check_generator(generator, model.mlm_layer.bias.device)
     if not model.config.disentangled:
         return _generate_uniform(model, cond, config, generator, callback)
     cfg = model.config
@@ -153,17 +166,27 @@ def generate(model: ENAT, cond: Tensor, config: SamplerConfig = SamplerConfig(),
     return ids
 
 
+def _logits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype guidance, log-softmax and sampling run in for network logits of `dtype`."""
+    # as official: NATSchedule.generate computes in the network's output dtype (float32, or float64 for
+    # a float64 model). differs from official: half-precision logits (bf16 / fp16 autocast) are promoted
+    # to float32 before guidance: c + s(c - u) in half precision (bf16 keeps 8 mantissa bits) would
+    # round the guided logits and tie or reorder the confidences that decide which tokens are revealed.
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _sample(cond_logits: Tensor, uncond_logits: Optional[Tensor], scale: float, ratio: float,
             config: SamplerConfig, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
     """Guidance, token sampling and confidence for one step (official NATSchedule.generate).
 
-    logits (B, N, K) -> (sampled ids (B, N), confidence (B, N)). Runs in float32 whatever the
-    network's dtype.
+    logits (B, N, K) -> (sampled ids (B, N), confidence (B, N)). Runs in the logits' dtype for float32
+    and float64, in float32 for half-precision logits (`_logits_dtype`); autocast is off inside.
     """
+    dtype = _logits_dtype(cond_logits.dtype)
     with torch.autocast(cond_logits.device.type, enabled=False):
-        logits = cond_logits.float()
+        logits = cond_logits.to(dtype)
         if uncond_logits is not None:
-            logits = logits + scale * (logits - uncond_logits.float())    # guidance on raw logits
+            logits = logits + scale * (logits - uncond_logits.to(dtype))    # guidance on raw logits
         logp = torch.log_softmax(logits, dim=-1)
         temp = max(config.sample_temp * (1 - ratio), TEMP_FLOOR)
         if temp <= TEMP_FLOOR:
@@ -176,7 +199,7 @@ def _sample(cond_logits: Tensor, uncond_logits: Optional[Tensor], scale: float, 
         conf = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
         noise_temp = config.mask_temp * (1 - ratio)
         if noise_temp > 0:
-            conf = conf + noise_temp * _gumbel(conf.shape, generator, conf.device)
+            conf = conf + noise_temp * _gumbel(conf.shape, generator, conf.device, conf.dtype)
     return sampled, conf
 
 

@@ -231,6 +231,80 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Locations: fields holding a path or URL, resolved once on the driver
+
+LOCATION = "enat.location"  # dataclass field metadata key marking a path/URL field
+
+
+def location(default: Any = "", *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that holds a path or URL (``field(metadata={LOCATION: True})``).
+
+    :func:`resolve_locations` makes every such field absolute on the driver, so Ray workers whose
+    working directory differs (Ray Train workers, the nodes of a cluster) read the same files.
+    Values may be a string, a tuple/list of strings or a dict of strings (each resolved).
+    """
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata={LOCATION: True})
+    return field(default=default, metadata={LOCATION: True})
+
+
+def absolute_location(value: str, cwd: Optional[str] = None) -> str:
+    """A relative local path → an absolute one (against ``cwd``, default the process's); ``~`` expanded.
+
+    ``file:`` URLs keep their scheme (``file://rel/x`` and ``file:rel/x`` become ``file:///<cwd>/rel/x``);
+    ``sqlite:///rel.db`` (an MLflow store) becomes ``sqlite:////<cwd>/rel.db``; other URLs (``s3://``,
+    ``gs://``, ``http://``, ``memory://`` …) and empty values are returned unchanged.
+    """
+    if not value:
+        return value
+    cwd = cwd or os.getcwd()
+
+    def absolute(path: str) -> str:
+        return os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
+
+    low = value.lower()
+    if low.startswith("sqlite:///"):
+        return "sqlite:///" + absolute(value[len("sqlite:///"):])
+    if low.startswith("file://"):
+        return "file://" + absolute(value[len("file://"):])
+    if low.startswith("file:"):
+        return "file://" + absolute(value[len("file:"):])
+    if "://" in value:
+        return value
+    return absolute(value)
+
+
+def resolve_locations(cfg: T, cwd: Optional[str] = None) -> T:
+    """``cfg`` with every :func:`location` field (in nested dataclasses too) made absolute.
+
+    Called where a job's config is built on the driver (:func:`parse_job_args`), before anything is
+    checked or handed to Ray; idempotent, so resolving an already resolved config changes nothing.
+    """
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+        return cfg
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get(LOCATION):
+            new = _resolve_value(value, cwd)
+        else:
+            new = resolve_locations(value, cwd)
+        if new is not value and new != value:
+            changes[f.name] = new
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _resolve_value(value: Any, cwd: Optional[str]) -> Any:
+    if isinstance(value, str):
+        return absolute_location(value, cwd)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_resolve_value(v, cwd) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _resolve_value(v, cwd) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
 # Tokenize job config
 
 
@@ -261,17 +335,35 @@ class SourceConfig:
     kind: Literal["imagefolder", "coco"] = "imagefolder"  # dataset layout (see below)
     # imagefolder: root holding <split>/<class>/<image> (ImageNet layout), local path or URL.
     # coco: root holding annotations/captions_<split>.json and <split>/<image>.
-    root: str = ""  # dataset root, local path or URL (required)
+    root: str = location("")  # dataset root, local path or URL (required)
     splits: tuple[str, ...] = ("train",)  # split folders to tokenize, e.g. [train, val] or [train2014]
     # as official: dataset.py _list_image_files_recursively keeps only these extensions
     extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "gif")  # other files are recorded as rejects
     limit: Optional[int] = None  # keep only the first N images of each split (smoke runs)
+    # imagefolder: a split whose images lie directly in its folder (ImageNet val as distributed:
+    # val/ILSVRC2012_val_00000001.JPEG …) takes its labels from a file, per split: the Kaggle
+    # LOC_val_solution.csv (ImageId,PredictionString: the first token is the wnid) or the devkit's
+    # ILSVRC2012_validation_ground_truth.txt (one 1-based ILSVRC2012_ID per line; needs `synsets`).
+    # Paths without a scheme that do not start with "/" are relative to root.
+    labels: dict[str, str] = field(default_factory=dict)  # split → label file of a flat split (see above)
+    # the devkit's synset list in ILSVRC2012_ID order (NOT the sorted-wnid order of the labels):
+    # ILSVRC2012_devkit_t12/data/meta.mat, or a text file with one wnid per line in that order
+    synsets: Optional[str] = location(None)  # needed by a ground_truth.txt label file (see above)
+    # center crop: adm = ADM's BOX-halving + BICUBIC crop (official ENAT / ImageNet); uvit = U-ViT's
+    # crop to the short side + Lanczos resize (the pipeline of fid_stats_mscoco256_val.npz); auto:
+    # uvit for kind=coco, adm otherwise
+    crop: Literal["auto", "adm", "uvit"] = "auto"  # see above
 
     def __post_init__(self) -> None:
         if not self.splits:
             raise ValueError("splits: at least one split is required")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be ≥ 1 or null, got {self.limit}")
+        unknown = sorted(set(self.labels) - set(self.splits))
+        if unknown:
+            raise ValueError(f"labels.{unknown[0]}: not one of splits {list(self.splits)}")
+        if self.labels and self.kind != "imagefolder":
+            raise ValueError("labels: label files apply to kind=imagefolder only")
 
 
 @dataclass(frozen=True)
@@ -297,7 +389,7 @@ class TokenizerConfig:
     kind: Literal["vqgan", "patch"] = "vqgan"  # enat.vqgan.VQGAN (the paper's) or enat.patch_vq.PatchVQ (tests)
     # weights URL/path: VQGAN official checkpoint (vqgan_jax_strongaug.ckpt) or a PatchVQ state dict.
     # null with kind=vqgan builds random weights (benchmarks only; recorded in dataset.json).
-    weights: Optional[str] = None  # URL/path of the weights (see above)
+    weights: Optional[str] = location(None)  # URL/path of the weights (see above)
     preset: str = "mage-f16"  # VQGAN config preset (enat-facts §8)
     seed: int = 0  # random-weights seed (weights: null)
 
@@ -309,7 +401,7 @@ class TextConfig:
     kind: Literal["clip", "random"] = "clip"  # clip: CLIP ViT-L/14 text tower; random: offline stand-in
     # clip: a local directory / URL with a transformers CLIPTextModel + CLIPTokenizer
     # (openai/clip-vit-large-patch14, as U-ViT's FrozenCLIPEmbedder; enat-facts §10)
-    weights: Optional[str] = None  # clip only (see above)
+    weights: Optional[str] = location(None)  # clip only (see above)
     length: int = 77  # tokens per caption (CLIP's context length)
     dim: int = 64  # random encoder width (clip: taken from the model, 768 for ViT-L/14)
     seed: int = 0  # random encoder weights
@@ -320,7 +412,7 @@ class TextConfig:
 class TokenizeConfig:
     """The tokenize graph and its output."""
 
-    out: str = ""  # output root URL: {out}/{split}/{split}-000000.tar, manifest.parquet, dataset.json
+    out: str = location("")  # output root URL: {out}/{split}/{split}-000000.tar, manifest.parquet, dataset.json
     samples_per_shard: int = 1000  # images per shard (a shard is the unit of work); ~128 for COCO
     rows_per_entry: int = 1000  # token rows packed into one tar entry (512 B per row at 256 px)
     text_rows_per_entry: int = 8  # images per tar entry when text features are stored (~0.6 MB each)
@@ -411,7 +503,7 @@ class ReaderConfig:
     """Training-time token reader (pipeline.readers.make_reader); one per rank."""
 
     kind: Literal["memory", "stream"] = "memory"  # memory: whole split in RAM (ImageNet); stream: webdataset
-    root: str = ""  # dataset root URL written by the tokenize job (holds dataset.json)
+    root: str = location("")  # dataset root URL written by the tokenize job (holds dataset.json)
     split: str = "train"  # split folder under root
     batch_size: int = 64  # per rank
     seed: int = 0  # permutation / flip / caption / drop draws derive from (seed, epoch[, rank, worker])
@@ -461,4 +553,5 @@ def parse_job_args(cls: type[T], argv: Optional[Sequence[str]], prog: str, descr
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{args.config}: expected a mapping at the top level, got {type(loaded).__name__}")
         base = merge_dicts(base, loaded)
-    return load_config(cls, base, list(args.overrides) + extra)
+    # relative paths are resolved here, on the driver: workers may run in another directory
+    return resolve_locations(load_config(cls, base, list(args.overrides) + extra))

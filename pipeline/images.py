@@ -1,8 +1,11 @@
 """Decode one image safely: convert what can be converted to RGB, reject the rest with a reason.
 
-``decode_and_crop(data, resolution)`` → :class:`Decoded` with either a uint8 array
-``(resolution, resolution, 3)`` from the official center crop (``enat.vqgan.center_crop_arr``) or a
-reject reason. Never raises on bad input. Reasons (stable strings, recorded in rejects.parquet):
+``decode_and_crop(data, resolution, crop=…)`` → :class:`Decoded` with either a uint8 array
+``(resolution, resolution, 3)`` or a reject reason. Never raises on bad input. Two center crops
+(:data:`CROPS`): ``"adm"``, the official ENAT/ADM crop (``enat.vqgan.center_crop_arr``, ImageNet),
+and ``"uvit"``, U-ViT's MS-COCO crop (:func:`uvit_center_crop`), the preprocessing behind the COCO
+reference statistics ``fid_stats_mscoco256_val.npz`` (enat-facts §9–10).
+Reasons (stable strings, recorded in rejects.parquet):
 
 =====================  ===========================================================================
 ``empty``              zero bytes
@@ -20,7 +23,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -31,6 +34,32 @@ from enat.vqgan import center_crop_arr
 # as official: dataset.py ImageDataset does pil_image.convert("RGB") for every mode.
 _PLAIN_CONVERT = {"L", "1", "P", "PA", "LA", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "La"}
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def uvit_center_crop(im: Image.Image, resolution: int) -> np.ndarray:
+    """U-ViT's MS-COCO crop: RGB PIL image → uint8 ``(resolution, resolution, 3)``.
+
+    Crop the centered square of the short side (offsets rounded down), then one Lanczos resize.
+    """
+    # as official: U-ViT datasets.py center_crop (used by MSCOCODatabase and its FID statistics)
+    arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)  # (H, W, 3)
+    side = min(arr.shape[:2])
+    top, left = (arr.shape[0] - side) // 2, (arr.shape[1] - side) // 2
+    square = Image.fromarray(np.ascontiguousarray(arr[top:top + side, left:left + side]), "RGB")
+    return np.asarray(square.resize((resolution, resolution), Image.LANCZOS), dtype=np.uint8)
+
+
+# name → crop function (RGB PIL image, resolution) → uint8 (resolution, resolution, 3)
+CROPS: dict[str, Callable[[Image.Image, int], np.ndarray]] = {"adm": center_crop_arr, "uvit": uvit_center_crop}
+
+
+def resolve_crop(crop: str, source_kind: str) -> str:
+    """``source.crop`` → ``"adm"`` or ``"uvit"``; ``"auto"`` picks U-ViT's crop for COCO, ADM's otherwise."""
+    if crop == "auto":
+        return "uvit" if source_kind == "coco" else "adm"
+    if crop not in CROPS:
+        raise ValueError(f"source.crop: unknown crop {crop!r}; known: auto, {', '.join(CROPS)}")
+    return crop
 
 
 @dataclass(frozen=True)
@@ -67,8 +96,10 @@ def to_rgb(im: Image.Image) -> tuple[Optional[Image.Image], Optional[str]]:
 
 
 def decode_and_crop(data: bytes, resolution: int, *, min_side: int = 8,
-                    max_pixels: int = 2 * 89_478_485) -> Decoded:
-    """Image file bytes → official center crop ``uint8 (resolution, resolution, 3)`` or a reject.
+                    max_pixels: int = 2 * 89_478_485, crop: str = "adm") -> Decoded:
+    """Image file bytes → center crop ``uint8 (resolution, resolution, 3)`` or a reject.
+
+    ``crop``: a key of :data:`CROPS` (``"adm"``: the official ENAT crop; ``"uvit"``: U-ViT's COCO crop).
 
     Never raises for bad input data; the reject carries a stable ``reason`` (module docstring).
     """
@@ -99,12 +130,13 @@ def decode_and_crop(data: bytes, resolution: int, *, min_side: int = 8,
         return Decoded(None, "truncated", f"{type(e).__name__}: {e}", size=(w, h))
     except Image.DecompressionBombError as e:
         return Decoded(None, "decompression-bomb", str(e), size=(w, h))
+    crop_fn = CROPS[crop]
     original = im.mode
     rgb, why = to_rgb(im)
     if rgb is None:
         return Decoded(None, "unsupported-mode", why or original, size=(w, h))
     try:
-        arr = center_crop_arr(rgb, resolution)  # as official: ADM center crop
+        arr = crop_fn(rgb, resolution)
     except (OSError, ValueError) as e:
         return Decoded(None, "truncated", f"{type(e).__name__}: {e}", size=(w, h))
     return Decoded(arr, None, "", original if original != "RGB" else None, size=(w, h))

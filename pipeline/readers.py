@@ -239,6 +239,24 @@ class _ShardSource:
             yield {"url": u}
 
 
+class _RangedShards:
+    """Pipeline stage for caption datasets: ``{"url": …}`` → tar entries read by byte ranges, with
+    ``text.npy`` as :class:`shards.NpyRows`, so only the caption features that are used are fetched
+    (one of ~5 per image, or none when the caption is dropped). Picklable (spawn workers)."""
+
+    def __init__(self, storage_cfg: storage.StorageLike, sizes: dict[str, int], chunk: int):
+        self.storage_cfg = storage.as_storage_config(storage_cfg)
+        self.sizes, self.chunk = sizes, chunk
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            url = sample["url"]
+            fs, path = storage.filesystem(url, self.storage_cfg)
+            reader = shards_mod.RangeReader(fs, path, self.sizes.get(url), self.chunk)
+            for entry in shards_mod.iter_tar_entries_ranged(reader, lazy=("text.npy",)):
+                yield {**entry, "__url__": url}
+
+
 class _Unpack:
     """Tar entries (chunks of rows) → one sample per row, with flip/caption/drop chosen."""
 
@@ -322,6 +340,9 @@ class StreamingReader(TokenReader):
     shards ≥ world_size × num_workers keeps every worker busy). With ``resampled`` every
     (rank, worker) draws shards with replacement and an epoch is ``batches_per_epoch`` batches on
     every rank. Works on ``s3://`` with the same storage config; spawn workers are fine.
+
+    Caption datasets are read by byte ranges (``range_chunk`` bytes per request for tar headers and
+    small members): of an image's caption features only the one used is fetched, none when dropped.
     """
 
     def __init__(self, root: str, split: str = "train", *, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -329,7 +350,7 @@ class StreamingReader(TokenReader):
                  p_uncond: float = 0.0, shuffle_shards: bool = True, shuffle_buffer: int = 1000,
                  resampled: bool = False, batches_per_epoch: Optional[int] = None, drop_last: bool = False,
                  epoch: int = 0, step: int = 0, storage_cfg: storage.StorageLike = None,
-                 multiprocessing_context: Optional[str] = None):
+                 multiprocessing_context: Optional[str] = None, range_chunk: int = 64 * 1024):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if flip not in ("random", "none", "both"):
@@ -346,6 +367,7 @@ class StreamingReader(TokenReader):
         self.shuffle_shards, self.shuffle_buffer, self.resampled = shuffle_shards, shuffle_buffer, resampled
         self.batches_per_epoch, self.drop_last = batches_per_epoch, drop_last
         self.multiprocessing_context = multiprocessing_context
+        self.range_chunk = range_chunk
         self.epoch, self.step = epoch, step
         self.empty_context = _load_empty_context(self.info, storage_cfg)
 
@@ -353,10 +375,15 @@ class StreamingReader(TokenReader):
         """The ``webdataset.DataPipeline`` of one epoch for this rank (batches of ``batch_size``)."""
         import webdataset as wds
 
+        if self.info.dataset.get("text"):  # caption features: fetch only the rows used
+            sizes = {u: int(r["bytes"]) for u, r in zip(self.info.urls, self.info.shards)}
+            opener: Any = _RangedShards(self.storage_cfg, sizes, self.range_chunk)
+        else:  # token rows only: one sequential read per shard
+            opener = storage.ShardOpener(self.storage_cfg)
         return wds.DataPipeline(
             _ShardSource(self.info.urls, self.seed, epoch, self.rank, self.world_size, self.shuffle_shards,
                          self.resampled),
-            storage.ShardOpener(self.storage_cfg),
+            opener,
             _Unpack(self.seed, epoch, self.rank, self.flip, self.caption, self.p_uncond, self.info.num_classes,
                     self.empty_context),
             _Shuffle(self.shuffle_buffer, self.seed, epoch, self.rank),

@@ -30,7 +30,9 @@ file per unit of the plan, so nothing is counted twice. Output layout at ``outpu
     manifest.json             written last: units, files, results — readers trust it
 
 The fid-stats job (``python -m jobs.fid_stats``) runs the same unit / commit / merge machinery over real
-images (a folder, recursively, or webdataset tars) and writes ``fid_stats.npz`` with ``mu`` / ``sigma``.
+images (a folder, recursively, webdataset tars, or the ``arr_0`` images of an ADM reference batch npz) and
+writes ``fid_stats.npz`` with ``mu`` / ``sigma`` (pytorch-fid statistics; docs/evaluation.md says which
+reference goes with which protocol).
 """
 from __future__ import annotations
 
@@ -53,10 +55,11 @@ import numpy as np
 import torch
 
 import enat
-from enat.fid import FeatureStats, FIDInception, ISStats, frechet_distance, load_reference_stats
+from enat.fid import (IS_SHUFFLE_SEED, FeatureStats, FIDInception, ISStats, frechet_distance, is_protocol,
+                      load_reference_stats)
 from pipeline import storage
 from pipeline.config import (ConfigError, RayConfig, StorageConfig, TextConfig, TokenizerConfig, config_to_dict,
-                             load_config)
+                             load_config, location)
 
 FORMAT_VERSION = 1
 PARTS_DIR = "_parts"
@@ -76,7 +79,7 @@ class ModelSection:
 
     # URL/path of the weights: an official release (e.g. ENAT-L `nnet_ema.pth`) or the EMA state dict
     # our training exports (`step_*/ema.pt`); both load through `ENAT.from_official`.
-    checkpoint: str = ""
+    checkpoint: str = location("")
     # ENAT preset (enat-facts §3); null: read `config.json` beside the checkpoint (our training export).
     preset: Optional[str] = None
     # architecture overrides on top of the preset (tiny test models)
@@ -131,7 +134,7 @@ class PlanSection:
     # text models: URL of the prompts — a COCO captions JSON (annotations/captions_val2014.json: a
     # shuffled image order from the seed, one random caption of each image, as U-ViT's FID-30K), a JSON
     # list of strings, or a .txt file with one prompt per line.
-    captions: Optional[str] = None
+    captions: Optional[str] = location(None)
     seed: int = 1234  # enat-facts §5: the official code's seed
     unit_size: int = 1000  # samples per work unit (one tar / npz / statistics file each)
     batch_size: int = 125  # samples per forward (official eval batch per GPU at 256 px, enat-facts §6)
@@ -149,7 +152,7 @@ class InceptionSection:
 
     # pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (URL or path). null: no Inception, and FID /
     # IS are reported as unavailable; samples, grid and everything else are still produced.
-    weights: Optional[str] = None
+    weights: Optional[str] = location(None)
     uint8: bool = False  # quantize to the uint8 grid first (ADM / PNG protocol); official ENAT: false
     dtype: Dtype = "float32"  # autocast for the convolutions (float32 = pytorch-fid's numbers)
 
@@ -158,12 +161,21 @@ class InceptionSection:
 class RealImagesConfig:
     """Real images for reference statistics."""
 
-    kind: Literal["folder", "webdataset"] = "folder"  # folder: every image file below root, recursively
-    root: str = ""  # folder URL, or for webdataset a folder of .tar shards / a single .tar URL
+    # folder: every image file below root, recursively; webdataset: .tar shards; adm_npz: the images
+    # (`arr_0`, uint8 NHWC) of an ADM reference batch such as VIRTUAL_imagenet256_labeled.npz, so that
+    # pytorch-fid statistics of the same reference images can be computed (docs/evaluation.md)
+    kind: Literal["folder", "webdataset", "adm_npz"] = "folder"
+    # folder URL; webdataset: a folder of .tar shards or a single .tar URL; adm_npz: the .npz URL
+    root: str = location("")
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # file extensions that count as images (case-insensitive)
-    resolution: int = 256  # ADM / official center crop to this size (enat.vqgan.center_crop_arr)
-    limit: Optional[int] = None  # only the first N files in listing order (folder)
-    unit_size: int = 1000  # folder: images per work unit (webdataset: one unit per tar)
+    # ADM / official center crop to this size (enat.vqgan.center_crop_arr); adm_npz: the images' size,
+    # checked (they are used as stored, no crop or resize)
+    resolution: int = 256
+    # folder / webdataset: "adm" (ImageNet, as official) or "uvit" (U-ViT's crop + Lanczos resize, the
+    # preprocessing behind fid_stats_mscoco256_val.npz: use it for COCO references; pipeline/images.py)
+    crop: Literal["adm", "uvit"] = "adm"
+    limit: Optional[int] = None  # only the first N files in listing order (folder) / images (adm_npz)
+    unit_size: int = 1000  # folder / adm_npz: images per work unit (webdataset: one unit per tar)
     batch_size: int = 100  # images per Inception forward
 
     def __post_init__(self) -> None:
@@ -175,17 +187,27 @@ class RealImagesConfig:
 class FIDSection:
     # reference statistics: an .npz with `mu` [2048] and `sigma` [2048, 2048] (U-ViT's fid_stats,
     # pytorch-fid --save-stats, ADM's reference batches, or our fid-stats job)
-    reference: Optional[str] = None
+    reference: Optional[str] = location(None)
     # compute the reference from real images first (into {output.uri}/reference/) when `reference` is null
     reference_images: Optional[RealImagesConfig] = None
     # eigvals: the official ENAT eval (torch float64 eigvals, enat-facts §9); sqrtm: pytorch-fid (scipy)
     method: Literal["eigvals", "sqrtm"] = "eigvals"
-    is_splits: int = 10  # Inception Score splits over the global sample index (ADM / torch-fidelity)
+    is_splits: int = 10  # Inception Score splits (torch-fidelity's and ADM's 10)
+    # torch-fidelity: its default protocol — samples permuted by np.random.RandomState(2020).permutation(N),
+    # then `is_splits` contiguous slices (enat.inception_score's default; the paper's IS ~300 needs it,
+    # docs/evaluation.md). contiguous: splits are index ranges; with the class-ordered plan each split then
+    # holds num_classes / is_splits classes only and the score is capped near that number.
+    is_protocol: Literal["torch-fidelity", "contiguous"] = "torch-fidelity"
+
+    @property
+    def is_shuffle_seed(self) -> Optional[int]:
+        """`shuffle_seed` of enat.ISStats / enat.inception_score for `is_protocol`."""
+        return IS_SHUFFLE_SEED if self.is_protocol == "torch-fidelity" else None
 
 
 @dataclass(frozen=True)
 class OutputSection:
-    uri: str = ""  # output folder URL (s3://…, a path); required
+    uri: str = location("")  # output folder URL (s3://…, a path); required
     png: bool = True  # PNGs in one webdataset tar per unit
     npz: bool = True  # ADM-style npz per unit (arr_0 uint8 NHWC, arr_1 labels)
     adm_npz: bool = False  # also concatenate all units into one samples_NxHxWx3.npz (ADM evaluator input)
@@ -225,7 +247,7 @@ class TrackingSection:
     """MLflow (driver only)."""
 
     enabled: bool = True  # false: no MLflow at all (results.json still holds everything)
-    tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else ./mlruns.db
+    tracking_uri: Optional[str] = location(None)  # default: $MLFLOW_TRACKING_URI, else ./mlruns.db
     experiment: Optional[str] = None  # default: the parent run's experiment, else "enat"
     run_name: Optional[str] = None  # default: "sample-" + the output folder's name
     parent_run_id: Optional[str] = None  # the training run: this job becomes its child run
@@ -270,7 +292,7 @@ class FidStatsJobConfig:
 
     source: RealImagesConfig = field(default_factory=RealImagesConfig)
     inception: InceptionSection = field(default_factory=InceptionSection)
-    output: str = ""  # output folder URL: fid_stats.npz (mu, sigma), manifest.json, _parts/
+    output: str = location("")  # output folder URL: fid_stats.npz (mu, sigma), manifest.json, _parts/
     overwrite: bool = False
     compute: ComputeSection = field(default_factory=ComputeSection)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -519,7 +541,7 @@ def build_plan(cfg: SampleJobConfig) -> SamplePlan:
         if mcfg.text_conditioned else None,
         "inception": {"weights": file_identity(cfg.inception.weights, cfg.storage), "uint8": cfg.inception.uint8,
                       "dtype": cfg.inception.dtype},
-        "is_splits": cfg.fid.is_splits, "decode_dtype": cfg.compute.decode_dtype,
+        "is_splits": cfg.fid.is_splits, "is_protocol": cfg.fid.is_protocol, "decode_dtype": cfg.compute.decode_dtype,
         "output": {"png": cfg.output.png, "npz": cfg.output.npz, "features": cfg.output.features,
                    "png_compress_level": cfg.output.png_compress_level},
     }
@@ -637,13 +659,15 @@ class UnitRunner:
 
     def __init__(self, model: enat.ENAT, tokenizer: Any, inception: Optional[FIDInception],
                  sampler: enat.SamplerConfig, out_url: str, *, storage_cfg: storage.StorageLike = None,
-                 batch_size: int = 125, is_total: int = 0, is_splits: int = 10, text_encoder: Any = None,
+                 batch_size: int = 125, is_total: int = 0, is_splits: int = 10,
+                 is_shuffle_seed: Optional[int] = IS_SHUFFLE_SEED, text_encoder: Any = None,
                  output: OutputSection = OutputSection(), decode_dtype: Dtype = "float32", png_threads: int = 4,
                  identity: Optional[dict] = None, throttle_s: float = 0.0) -> None:
         self.model, self.tok, self.inception, self.sampler = model, tokenizer, inception, sampler
         self.device = model.mlm_layer.bias.device
         self.text_encoder = text_encoder
         self.batch_size, self.is_total, self.is_splits = batch_size, is_total, is_splits
+        self.is_shuffle_seed = is_shuffle_seed
         self.output, self.decode_dtype = output, _TORCH_DTYPES[decode_dtype]
         self.identity = identity or {}
         self.throttle_s = throttle_s
@@ -657,6 +681,11 @@ class UnitRunner:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def generator(self, unit: Unit) -> torch.Generator:
+        """The unit's random stream: seeded by the plan, on the device the sampler draws on (the
+        model's), so a CUDA runner never pairs a CPU generator with CUDA tensors."""
+        return torch.Generator(self.device).manual_seed(unit.seed)
 
     def _cond(self, unit: Unit, s: int, e: int) -> torch.Tensor:
         if unit.captions:
@@ -687,9 +716,10 @@ class UnitRunner:
 
     def _compute(self, unit: Unit, secs: collections.Counter, arrays: list, features: list,
                  pngs: list) -> tuple[Optional[FeatureStats], Optional[ISStats]]:
-        gen = torch.Generator(self.device).manual_seed(unit.seed)
+        gen = self.generator(unit)
         feats = FeatureStats.empty(2048, self.device) if self.inception is not None else None
-        is_stats = (ISStats.empty(self.is_total, self.is_splits, device=self.device)
+        is_stats = (ISStats.empty(self.is_total, self.is_splits, device=self.device,
+                                  shuffle_seed=self.is_shuffle_seed)
                     if self.inception is not None and self.is_total else None)
         for s in range(0, unit.count, self.batch_size):
             e = min(s + self.batch_size, unit.count)
@@ -786,7 +816,8 @@ class SampleActor:
         self.runner = UnitRunner(model.to(device), tok.to(device), inception, self.cfg.sampler.resolve(),
                                  self.cfg.output.uri, storage_cfg=self.cfg.storage,
                                  batch_size=self.cfg.plan.batch_size, is_total=self.cfg.plan.num_samples,
-                                 is_splits=self.cfg.fid.is_splits, text_encoder=text, output=self.cfg.output,
+                                 is_splits=self.cfg.fid.is_splits, is_shuffle_seed=self.cfg.fid.is_shuffle_seed,
+                                 text_encoder=text, output=self.cfg.output,
                                  decode_dtype=c.decode_dtype, png_threads=c.png_threads, identity=identity,
                                  throttle_s=c.throttle_s)
 
@@ -1040,7 +1071,8 @@ def run_sample(cfg: SampleJobConfig, log: Callable[[str], None] = print) -> dict
         if run is not None:
             prefix = "sample." if cfg.mlflow.run_id else ""
             run.log_params({**config_to_dict(cfg), "resolved_sampler": plan.sampler.to_dict(),
-                            "model_config": plan.model_config.to_dict()}, prefix=prefix)
+                            "model_config": plan.model_config.to_dict(),
+                            "is_protocol": is_protocol(cfg.fid.is_splits, cfg.fid.is_shuffle_seed)}, prefix=prefix)
         storage.put_atomic(fs, f"{out}/plan.json", json.dumps(
             {"format": "enat-samples", "fingerprint": plan.fingerprint, "identity": plan.identity,
              "config": json.loads(storage.redact(json.dumps(config_to_dict(cfg)))),
@@ -1132,6 +1164,7 @@ def finalize(cfg: SampleJobConfig, plan: SamplePlan, fs: Any, out: str, ref: Opt
                                "label_counts_max": max(label_counts.values(), default=0),
                                "num_labels": len(label_counts), "devices": devices,
                                "resolution": recs[0]["resolution"], "fid": None, "is": None, "is_std": None,
+                               "is_protocol": is_protocol(cfg.fid.is_splits, cfg.fid.is_shuffle_seed),
                                "fid_method": cfg.fid.method, "reference": ref_id,
                                "inception": storage.redact(cfg.inception.weights) if cfg.inception.weights else None}
     summary["seconds"] = {k: round(sum(r["seconds"][k] for r in recs), 3)
@@ -1147,6 +1180,9 @@ def finalize(cfg: SampleJobConfig, plan: SamplePlan, fs: Any, out: str, ref: Opt
         if is_stats is not None:
             if int(is_stats.n.sum()) != n_total:
                 raise RuntimeError(f"IS partials count {int(is_stats.n.sum())} samples, the units {n_total}")
+            if is_stats.protocol != summary["is_protocol"]:
+                raise RuntimeError(f"the units' IS partials follow {is_stats.protocol}, the config "
+                                   f"{summary['is_protocol']} (fid.is_protocol / fid.is_splits)")
             summary["is"], summary["is_std"] = is_stats.score()
         if ref is not None:
             t0 = time.perf_counter()
@@ -1176,7 +1212,8 @@ def _log_results(run: Any, cfg: SampleJobConfig, plan: SamplePlan, summary: dict
                "merge_s": summary.get("merge_s")}
     metrics.update({f"seconds_{k}": v for k, v in summary["seconds"].items()})
     run.log_metrics(metrics, step=step)
-    tags = {"fid_available": str(summary.get("fid") is not None).lower(), "fid_method": cfg.fid.method}
+    tags = {"fid_available": str(summary.get("fid") is not None).lower(), "fid_method": cfg.fid.method,
+            "is_protocol": summary["is_protocol"]["name"]}
     if summary.get("fid_unavailable"):
         tags["fid_unavailable"] = summary["fid_unavailable"]
     if summary.get("reference"):
@@ -1194,16 +1231,42 @@ def _log_results(run: Any, cfg: SampleJobConfig, plan: SamplePlan, summary: dict
 # ----------------------------------------------------------------------------------------------------
 
 
-def list_real_images(src: RealImagesConfig, storage_cfg: storage.StorageLike = None) -> list[list[str]]:
-    """The work units of real images: lists of file URLs (folder: chunks of ``unit_size`` in sorted
-    order) or one single-URL list per tar (webdataset). Raises ``FileNotFoundError`` when empty."""
+@dataclass(frozen=True)
+class RealUnit:
+    """One work unit of real images: file URLs (folder), one tar URL (webdataset), or the rows
+    [start, stop) of an ADM npz's `arr_0` (adm_npz: `urls` holds the npz URL)."""
+
+    urls: tuple[str, ...]
+    rows: Optional[tuple[int, int]] = None
+
+    def row(self, unit: int, identity_fingerprint: str) -> dict[str, Any]:
+        """The Ray Data row (JSON strings keep Arrow from guessing types)."""
+        key = [identity_fingerprint, list(self.urls)] + ([list(self.rows)] if self.rows else [])
+        return {"unit": unit, "urls": json.dumps(list(self.urls)), "rows": json.dumps(self.rows),
+                "fingerprint": _fingerprint(key)}
+
+    @staticmethod
+    def from_row(row: dict[str, Any]) -> "RealUnit":
+        rows = json.loads(row["rows"])
+        return RealUnit(tuple(json.loads(row["urls"])), tuple(rows) if rows else None)
+
+
+def list_real_images(src: RealImagesConfig, storage_cfg: storage.StorageLike = None) -> list[RealUnit]:
+    """The work units of real images (folder: chunks of ``unit_size`` files in sorted order; webdataset:
+    one unit per tar; adm_npz: chunks of ``unit_size`` rows, the file's layout checked first). Raises
+    ``FileNotFoundError`` when there is nothing to read, ``ValueError`` for an unusable ADM npz."""
     fs, root = storage.filesystem(src.root, storage_cfg)
     root = root.rstrip("/")
+    if src.kind == "adm_npz":
+        n = adm_npz_layout(fs, root, src.root, src.resolution).count
+        n = n if src.limit is None else min(n, src.limit)
+        url = storage.to_url(fs, root)
+        return [RealUnit((url,), (s, min(s + src.unit_size, n))) for s in range(0, n, src.unit_size)]
     if src.kind == "webdataset":
         tars = [root] if root.endswith(".tar") else storage.list_files(fs, root, suffix=".tar", recursive=True)
         if not tars:
             raise FileNotFoundError(f"{storage.redact(src.root)}: no .tar shards")
-        return [[storage.to_url(fs, t)] for t in tars]
+        return [RealUnit((storage.to_url(fs, t),)) for t in tars]
     exts = {e.lower().lstrip(".") for e in src.extensions}
     files = [p for p in storage.list_files(fs, root, recursive=True)
              if "." in p.rsplit("/", 1)[-1] and p.rsplit(".", 1)[-1].lower() in exts]
@@ -1212,7 +1275,91 @@ def list_real_images(src: RealImagesConfig, storage_cfg: storage.StorageLike = N
     if not files:
         raise FileNotFoundError(f"{storage.redact(src.root)}: no image files with extensions {sorted(exts)}")
     urls = [storage.to_url(fs, p) for p in files]
-    return [urls[i:i + src.unit_size] for i in range(0, len(urls), src.unit_size)]
+    return [RealUnit(tuple(urls[i:i + src.unit_size])) for i in range(0, len(urls), src.unit_size)]
+
+
+@dataclass(frozen=True)
+class AdmNpzLayout:
+    """Where the images of an ADM npz lie: `count` images of `shape` (H, W, 3) uint8; `offset`: the
+    byte offset of their data in the file when `arr_0.npy` is stored uncompressed (np.savez), else None
+    (np.savez_compressed: read through the zip member)."""
+
+    count: int
+    shape: tuple[int, int, int]
+    data_start: int  # offset of the pixel data inside the arr_0.npy member (after the .npy header)
+    offset: Optional[int]
+
+
+def adm_npz_layout(fs: Any, path: str, name: str, resolution: int) -> AdmNpzLayout:
+    """Read and check the layout of an ADM npz (reads the zip directory and the .npy header only, never
+    the pixels). Raises ``FileNotFoundError`` / ``ValueError`` naming the file and the fix: a
+    statistics-only npz (mu / sigma, no arr_0), arr_0 not uint8 [N, H, W, 3], or H, W != resolution."""
+    shown = storage.redact(name)
+    storage.invalidate(fs, path)
+    if not storage.exists(fs, path):
+        raise FileNotFoundError(f"source.root {shown}: does not exist")
+    with fs.open(path, "rb") as f:
+        try:
+            zf = zipfile.ZipFile(f)
+        except zipfile.BadZipFile:
+            raise ValueError(f"source.root {shown}: not an .npz (zip) file; source.kind=adm_npz reads ADM's "
+                             f"reference batches (arr_0: uint8 [N, H, W, 3])") from None
+        with zf:
+            keys = sorted(n[:-4] if n.endswith(".npy") else n for n in zf.namelist())
+            if "arr_0.npy" not in zf.namelist():
+                hint = (" — it holds statistics only; as pytorch-fid statistics (U-ViT's fid_stats, our fid-stats "
+                        "job) use it as fid.reference, but ADM's mu / sigma are TF-Inception statistics that only "
+                        "ADM's evaluator matches (docs/evaluation.md)") if {"mu", "sigma"} & set(keys) else ""
+                raise ValueError(f"source.root {shown}: no images (arr_0) in the npz, keys {keys}{hint}")
+            info = zf.getinfo("arr_0.npy")
+            with zf.open(info) as m:
+                version = np.lib.format.read_magic(m)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(m)
+                data_start = m.tell()
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
+            raise ValueError(f"source.root {shown}: arr_0 is {dtype} {tuple(shape)}"
+                             f"{' (Fortran order)' if fortran else ''}; an ADM batch holds uint8 [N, H, W, 3] "
+                             f"images (NHWC, RGB)")
+        if shape[0] == 0:
+            raise FileNotFoundError(f"source.root {shown}: arr_0 holds no image")
+        if (shape[1], shape[2]) != (resolution, resolution):
+            raise ValueError(f"source.root {shown}: arr_0 holds {shape[1]}x{shape[2]} images, source.resolution "
+                             f"is {resolution}; set source.resolution={shape[1]} (the images are used as stored)"
+                             if shape[1] == shape[2] else
+                             f"source.root {shown}: arr_0 holds non-square {shape[1]}x{shape[2]} images; ADM "
+                             f"batches are square center crops")
+        offset = None
+        if info.compress_type == zipfile.ZIP_STORED:
+            f.seek(info.header_offset)
+            local = f.read(30)  # zip local file header: name / extra lengths at bytes 26..30
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            offset = info.header_offset + 30 + name_len + extra_len + data_start
+    return AdmNpzLayout(int(shape[0]), (int(shape[1]), int(shape[2]), 3), data_start, offset)
+
+
+def read_adm_npz_rows(url: str, start: int, stop: int, resolution: int,
+                      storage_cfg: storage.StorageLike = None) -> np.ndarray:
+    """uint8 [stop - start, H, W, 3]: images [start, stop) of an ADM npz's arr_0 — one ranged read for an
+    uncompressed member (a 10k-image batch is never read whole), a forward read through a compressed one."""
+    fs, path = storage.filesystem(url, storage_cfg)
+    lay = adm_npz_layout(fs, path, url, resolution)
+    if not 0 <= start <= stop <= lay.count:
+        raise ValueError(f"{storage.redact(url)}: rows [{start}, {stop}) outside arr_0's {lay.count} images")
+    row = int(np.prod(lay.shape))
+    with fs.open(path, "rb") as f:
+        if lay.offset is not None:
+            f.seek(lay.offset + start * row)
+            data = f.read((stop - start) * row)
+        else:
+            with zipfile.ZipFile(f) as zf, zf.open("arr_0.npy") as m:
+                m.seek(lay.data_start + start * row)
+                data = m.read((stop - start) * row)
+    if len(data) != (stop - start) * row:
+        raise ValueError(f"{storage.redact(url)}: arr_0 is cut short ({len(data)} of {(stop - start) * row} bytes "
+                         f"for rows [{start}, {stop})); the file is truncated — download it again")
+    return np.frombuffer(data, dtype=np.uint8).reshape(stop - start, *lay.shape)
 
 
 def _real_images(urls: Sequence[str], kind: str, extensions: Sequence[str],
@@ -1244,7 +1391,8 @@ def _cat(fs: Any, path: str) -> Any:
 
 
 class RealStatsActor:
-    """Ray Data actor: a unit of real images → decode + center crop → Inception → FeatureStats → commit."""
+    """Ray Data actor: a unit of real images (decoded and center-cropped files, or an ADM npz's rows as
+    stored) → Inception → FeatureStats → commit."""
 
     def __init__(self, cfg: dict) -> None:
         self.cfg: FidStatsJobConfig = load_config(FidStatsJobConfig, cfg)
@@ -1256,10 +1404,20 @@ class RealStatsActor:
         self.fs, out = storage.filesystem(self.cfg.output, self.cfg.storage)
         self.out = out.rstrip("/")
 
-    @torch.no_grad()
-    def __call__(self, row: dict) -> dict:
+    def _decoded(self, real: RealUnit, rejects: list[dict]) -> Iterator[np.ndarray]:
+        """Center crops (uint8 [R, R, 3]) of the unit's image files; undecodable ones go to ``rejects``."""
         from pipeline.images import decode_and_crop
 
+        src = self.cfg.source
+        for name, data in _real_images(real.urls, src.kind, src.extensions, self.cfg.storage):
+            d = decode_and_crop(data, src.resolution, crop=src.crop)
+            if d.ok:
+                yield d.array
+            else:
+                rejects.append({"name": storage.redact(name), "reason": d.reason, "detail": d.detail})
+
+    @torch.no_grad()
+    def __call__(self, row: dict) -> dict:
         src = self.cfg.source
         unit = int(row["unit"])
         t0 = time.perf_counter()
@@ -1275,12 +1433,13 @@ class RealStatsActor:
             batch.clear()
             t_inc += time.perf_counter() - t
 
-        for name, data in _real_images(json.loads(row["urls"]), src.kind, src.extensions, self.cfg.storage):
-            d = decode_and_crop(data, src.resolution)
-            if not d.ok:
-                rejects.append({"name": storage.redact(name), "reason": d.reason, "detail": d.detail})
-                continue
-            batch.append(d.array)
+        real = RealUnit.from_row(row)
+        if real.rows is not None:  # adm_npz: decoded pixels already, used as stored
+            images: Iterable[np.ndarray] = read_adm_npz_rows(real.urls[0], *real.rows, src.resolution, self.cfg.storage)
+        else:
+            images = self._decoded(real, rejects)
+        for image in images:
+            batch.append(image)
             if len(batch) == src.batch_size:
                 flush()
         if batch:
@@ -1305,13 +1464,16 @@ def run_fid_stats(cfg: FidStatsJobConfig, log: Callable[[str], None] = print) ->
     units = list_real_images(cfg.source, cfg.storage)
     fs, out = storage.filesystem(cfg.output, cfg.storage)
     out = out.rstrip("/")
-    identity = {"format_version": FORMAT_VERSION, "source": {**dataclasses.asdict(cfg.source),
-                                                             "root": storage.redact(cfg.source.root)},
+    source = {**dataclasses.asdict(cfg.source), "root": storage.redact(cfg.source.root)}
+    if source["crop"] == "adm":  # statistics written before the crop option keep their fingerprint
+        del source["crop"]
+    identity = {"format_version": FORMAT_VERSION, "source": source,
                 "inception": {"weights": file_identity(cfg.inception.weights, cfg.storage),
                               "uint8": cfg.inception.uint8, "dtype": cfg.inception.dtype}}
+    if cfg.source.kind == "adm_npz":  # one file: a changed file (size / etag) must not reuse its units
+        identity["source_file"] = file_identity(cfg.source.root, cfg.storage)
     fp = _fingerprint(identity)
-    rows = [{"unit": u, "urls": json.dumps(urls), "fingerprint": _fingerprint([fp, urls])}
-            for u, urls in enumerate(units)]
+    rows = [ru.row(u, fp) for u, ru in enumerate(units)]
     storage.remove_stale_temps(fs, out)
     done = committed(fs, out)
     todo = []

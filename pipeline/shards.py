@@ -23,6 +23,11 @@ A token row is 512 bytes at 256 px and a tar header is 512 too, so rows are pack
     text_offsets.npy int64   (N + 1,)    captions of row i are text[offsets[i]:offsets[i+1]]
 
 Tars are written with ``mtime=0`` and fixed owner/mode, so equal rows give byte-identical shards.
+
+Members are plain (uncompressed) ``.npy``, so one caption's features are a contiguous byte range of
+``text.npy``: :func:`iter_tar_entries_ranged` reads a shard through ranged reads and hands
+``text.npy`` over as :class:`NpyRows`, which fetches only the rows asked for (a streaming reader
+uses one caption of ~5 per image; each is 77×768 float16 = 118 KB with CLIP ViT-L/14).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -74,7 +79,7 @@ class Rows:
     tokens: np.ndarray  # uint16 (N, L)
     tokens_flip: Optional[np.ndarray] = None  # uint16 (N, L)
     captions: Optional[list[list[str]]] = None
-    text: Optional[np.ndarray] = None  # float16 (C, T, D)
+    text: Union[np.ndarray, "NpyRows", None] = None  # float16 (C, T, D); NpyRows: read row by row on demand
     text_offsets: Optional[np.ndarray] = None  # int64 (N + 1,)
 
     def __post_init__(self) -> None:
@@ -100,7 +105,8 @@ class Rows:
             self.text_offsets = np.asarray(self.text_offsets, dtype=np.int64)
             if not np.array_equal(self.text_offsets, offsets):
                 raise ValueError("text_offsets do not match the caption counts")
-            self.text = np.asarray(self.text, dtype=np.float16)
+            if not isinstance(self.text, NpyRows):
+                self.text = np.asarray(self.text, dtype=np.float16)
             if self.text.ndim != 3 or self.text.shape[0] != offsets[-1]:
                 raise ValueError(f"text: expected ({offsets[-1]}, T, D) float16, got {self.text.shape}")
 
@@ -190,8 +196,8 @@ def pack_shard(rows: Rows, shard: int, rows_per_entry: int) -> bytes:
     return buf.getvalue()
 
 
-def _npy(b: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(b), allow_pickle=False)
+def _npy(b: Union[bytes, "NpyRows"]) -> Any:
+    return b if isinstance(b, NpyRows) else np.load(io.BytesIO(b), allow_pickle=False)
 
 
 def unpack_entry(sample: Mapping[str, Any]) -> Rows:
@@ -227,6 +233,119 @@ def iter_tar_entries(data: bytes) -> Iterator[dict[str, Any]]:
                     yield current
                 current = {"__key__": base}
             current[ext] = payload
+    if current is not None:
+        yield current
+
+
+class RangeReader(io.RawIOBase):
+    """A read-only seekable file over one object, fetched by ranged reads (``fs.cat_file(path, start,
+    end)``: one HTTP range GET on S3) with one cached chunk; ``bytes_read`` counts what was fetched.
+
+    Reads shorter than ``chunk`` fetch a whole chunk from their start (tar headers and small members
+    come from one request); longer ones fetch exactly their range.
+    """
+
+    def __init__(self, fs: Any, path: str, size: Optional[int] = None, chunk: int = 64 * 1024):
+        super().__init__()
+        self.fs, self.path, self.chunk = fs, path, max(512, int(chunk))
+        self.size = int(size) if size is not None else int(fs.size(path))
+        self.pos, self.bytes_read = 0, 0
+        self._buf, self._buf_start = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        data = self.fs.cat_file(self.path, start=start, end=end) if end > start else b""
+        self.bytes_read += len(data)
+        return data
+
+    def pread(self, start: int, n: int) -> bytes:
+        """``n`` bytes at ``start`` (fewer at the end of the object); does not move the position."""
+        end = min(self.size, start + max(0, n))
+        if start >= end:
+            return b""
+        if self._buf_start <= start and end <= self._buf_start + len(self._buf):
+            return self._buf[start - self._buf_start:end - self._buf_start]
+        if end - start >= self.chunk:
+            return self._fetch(start, end)
+        self._buf, self._buf_start = self._fetch(start, min(self.size, start + self.chunk)), start
+        return self._buf[:end - start]
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.pread(self.pos, self.size - self.pos if n is None or n < 0 else n)
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+class NpyRows:
+    """A C-order ``.npy`` tar member read row by row: ``m[i]`` fetches the bytes of ``array[i]`` only.
+
+    ``shape``, ``ndim``, ``dtype`` and ``len`` as the array's; raises ``ValueError`` naming the
+    member if its header is not a plain C-order ``.npy`` header.
+    """
+
+    def __init__(self, reader: RangeReader, offset: int, size: int, name: str = "?"):
+        head = io.BytesIO(reader.pread(offset, min(size, 4096)))
+        try:
+            version = np.lib.format.read_magic(head)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(head)
+        except ValueError as e:
+            raise ValueError(f"{name}: not a .npy member ({e})") from None
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{name}: expected a C-order numeric .npy member")
+        self.reader, self.name = reader, name
+        self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+        self.data_offset = offset + head.tell()
+        if self.data_offset - offset + self.shape[0] * self.row_bytes != size:
+            raise ValueError(f"{name}: .npy header says {self.shape} {dtype}, member holds {size} bytes")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if not 0 <= i < self.shape[0]:
+            raise IndexError(f"{self.name}: row {i} outside [0, {self.shape[0]})")
+        data = self.reader.pread(self.data_offset + i * self.row_bytes, self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[1:]).copy()
+
+
+def iter_tar_entries_ranged(reader: RangeReader, lazy: Collection[str] = ("text.npy",)) -> Iterator[dict[str, Any]]:
+    """Like :func:`iter_tar_entries` over a :class:`RangeReader`, but members whose extension is in
+    ``lazy`` are not read: they come as :class:`NpyRows`. Member data that is not read is skipped
+    (never fetched), so a shard's caption features cost only the rows that are used."""
+    current: Optional[dict[str, Any]] = None
+    with tarfile.open(fileobj=reader, mode="r:") as tf:
+        for ti in tf:
+            if not ti.isreg():
+                continue
+            base, _, ext = ti.name.partition(".")
+            if current is None or current["__key__"] != base:
+                if current is not None:
+                    yield current
+                current = {"__key__": base}
+            current[ext] = (NpyRows(reader, ti.offset_data, ti.size, ti.name) if ext in lazy
+                            else reader.pread(ti.offset_data, ti.size))
     if current is not None:
         yield current
 

@@ -39,8 +39,9 @@ from pipeline import shards as shards_mod
 from pipeline import storage
 from pipeline.config import (ConfigError, TokenizeJobConfig, TokenizerConfig, config_to_dict,
                              load_config)
-from pipeline.images import decode_and_crop
-from pipeline.sources import Item, Listing, Reject, ShardPlan, list_source, plan_shards, shard_name
+from pipeline.images import decode_and_crop, resolve_crop
+from pipeline.sources import (Item, Listing, Reject, ShardPlan, align_classes, list_source, plan_shards,
+                              shard_name)
 
 PARTS_DIR = "_parts"
 
@@ -124,6 +125,9 @@ def config_fingerprint(cfg: TokenizeJobConfig, tok_identity: dict, text_identity
            "flips": split_has_flips(split, cfg.tokenize.flips),
            "rows_per_entry": cfg.tokenize.rows_per_entry, "text_rows_per_entry": cfg.tokenize.text_rows_per_entry,
            "text": text_identity and text_identity["weights_sha256"]}
+    crop = resolve_crop(cfg.source.crop, cfg.source.kind)
+    if crop != "adm":  # only then, so shards committed before the crop setting existed stay valid
+        key["crop"] = crop
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -166,8 +170,8 @@ def _cat_one(fs: Any, path: str) -> Any:
         return e
 
 
-def decode_crop(row: dict, resolution: int, min_side: int, max_pixels: int) -> dict:
-    """Task stage: image bytes → official center crops ``uint8 (n, R, R, 3)`` + rejects."""
+def decode_crop(row: dict, resolution: int, min_side: int, max_pixels: int, crop: str = "adm") -> dict:
+    """Task stage: image bytes → center crops ``uint8 (n, R, R, 3)`` (``crop``: pipeline.images.CROPS) + rejects."""
     t0 = time.perf_counter()
     items = _items_from_json(row["items"])
     read_errors = {int(k): v for k, v in json.loads(row["read_errors"]).items()}
@@ -176,7 +180,7 @@ def decode_crop(row: dict, resolution: int, min_side: int, max_pixels: int) -> d
         if i in read_errors:
             rejects.append(asdict(Reject(it.key, it.path, "unreadable", read_errors[i], row["shard"])))
             continue
-        d = decode_and_crop(bytes(blob), resolution, min_side=min_side, max_pixels=max_pixels)
+        d = decode_and_crop(bytes(blob), resolution, min_side=min_side, max_pixels=max_pixels, crop=crop)
         if not d.ok:
             rejects.append(asdict(Reject(it.key, it.path, d.reason or "?", d.detail, row["shard"])))
             continue
@@ -238,7 +242,8 @@ class ShardEncoder:
     def __call__(self, row: dict) -> dict:
         if self.decode:
             im = self.cfg.image
-            row = decode_crop(read_bytes(row, asdict(self.cfg.storage)), im.resolution, im.min_side, im.max_pixels)
+            row = decode_crop(read_bytes(row, asdict(self.cfg.storage)), im.resolution, im.min_side, im.max_pixels,
+                              resolve_crop(self.cfg.source.crop, self.cfg.source.kind))
         split, shard = row["split"], int(row["shard"])
         name = shard_name(split, shard)
         items = _items_from_json(row["items"])
@@ -304,9 +309,14 @@ def _shard_rows(plans: list[ShardPlan]) -> list[dict]:
 def run_tokenize(cfg: TokenizeJobConfig, log: Any = print) -> dict[str, Any]:
     """Run the tokenize job for every split of ``cfg`` on the current Ray cluster (init it first).
 
+    Every check that can fail runs before the first image is decoded: tokenizer weights and
+    resolution, text encoder, label files, class sets across splits and against an existing
+    dataset.json, and conflicts with shards already in ``tokenize.out``.
+
     Returns the summary ``{"splits": {split: {read, written, converted, rejected, shards,
     skipped_shards, ...}}, "out": url}``. Raises ``ConfigError`` when ``tokenize.out`` holds shards
-    made from a different plan or config and ``tokenize.overwrite`` is false.
+    made from a different plan or config and ``tokenize.overwrite`` is false, or when the splits'
+    classes disagree (naming the split and classes); nothing is written then.
     """
     import ray
 
@@ -336,14 +346,18 @@ def run_tokenize(cfg: TokenizeJobConfig, log: Any = print) -> dict[str, Any]:
                               f"tokenizer or resolution; choose a new tokenize.out or set tokenize.overwrite=true")
 
     summary: dict[str, Any] = {"out": storage.redact(t.out), "splits": {}}
-    listings: dict[str, Listing] = {}
+    src = cfg.source
+    listings: dict[str, Listing] = {
+        split: list_source(src.kind, src.root, split, cfg.storage, src.extensions, src.limit,
+                           src.labels.get(split), src.synsets)
+        for split in src.splits}
+    # labels must mean the same classes in every split and in what tokenize.out already holds
+    classes = align_classes(listings, (existing or {}).get("classes") or ())
     plans: dict[str, list[ShardPlan]] = {}
     fingerprints: dict[str, str] = {}
     todo: list[ShardPlan] = []
     for split in cfg.source.splits:
-        listing = list_source(cfg.source.kind, cfg.source.root, split, cfg.storage, cfg.source.extensions,
-                              cfg.source.limit)
-        listings[split] = listing
+        listing = listings[split]
         plans[split] = plan_shards(listing, t.samples_per_shard)
         fingerprints[split] = config_fingerprint(cfg, tok_identity, text_identity, split)
         storage.remove_stale_temps(fs, f"{out}/{split}")
@@ -404,23 +418,17 @@ def run_tokenize(cfg: TokenizeJobConfig, log: Any = print) -> dict[str, Any]:
     if empty is not None:
         storage.put_atomic(fs, f"{out}/empty_context.npy", shards_mod.npy_bytes(empty))
     dataset = dict(existing or {})
-    classes = next((listings[s].classes for s in cfg.source.splits if listings[s].classes), [])
-    if classes and dataset.get("classes") and dataset["classes"] != classes:
-        raise ConfigError(f"source: the class folders of {list(cfg.source.splits)} differ from those already "
-                          f"recorded in dataset.json; labels would not match across splits")
-    for s in cfg.source.splits:
-        if listings[s].classes and listings[s].classes != classes:
-            raise ConfigError(f"source: split {s!r} has different class folders than {cfg.source.splits[0]!r}; "
-                              f"labels would not match across splits")
     dataset.update({
         "format": "enat-token-shards", "format_version": shards_mod.FORMAT_VERSION,
         "created": dataset.get("created") or shards_mod.utc_now(), "updated": shards_mod.utc_now(),
         "code_version": code_version(),
-        "source": {"kind": cfg.source.kind, "root": storage.redact(cfg.source.root)},
+        "source": {"kind": src.kind, "root": storage.redact(src.root),
+                   "crop": resolve_crop(src.crop, src.kind),  # the center crop of every token row
+                   "label_files": {s: listings[s].label_file for s in src.splits if listings[s].label_file}},
         "tokenizer": tok_identity, "resolution": cfg.image.resolution, "grid": [grid, grid],
         "seq_len": grid * grid, "codebook_size": tok_identity["codebook_size"], "token_dtype": "uint16",
         "num_classes": len(classes) if classes else dataset.get("num_classes", 0),
-        "classes": classes or dataset.get("classes", []),  # label i = classes[i] (sorted folder names)
+        "classes": classes or dataset.get("classes", []),  # label i = classes[i] (sorted class folder names)
         "label_map": {c: i for i, c in enumerate(classes or dataset.get("classes", []))},
         "text": None if text_identity is None else {**text_identity, "empty_context": "empty_context.npy"},
         "config": config_to_dict(cfg),
@@ -458,7 +466,8 @@ def _execute(cfg: TokenizeJobConfig, todo: list[ShardPlan], fingerprints: dict[s
         task_args = {"num_cpus": t.decode_num_cpus, "memory": base + 2 * t.samples_per_shard * per_image}
         ds = ds.map(read_bytes, fn_kwargs={"storage_cfg": asdict(cfg.storage)}, **task_args)
         ds = ds.map(decode_crop, fn_kwargs={"resolution": cfg.image.resolution, "min_side": cfg.image.min_side,
-                                            "max_pixels": cfg.image.max_pixels}, **task_args)
+                                            "max_pixels": cfg.image.max_pixels,
+                                            "crop": resolve_crop(cfg.source.crop, cfg.source.kind)}, **task_args)
     ds = ds.map(ShardEncoder, fn_constructor_args=(config_to_dict(cfg), fingerprints, decode_in_actor),
                 compute=ray.data.ActorPoolStrategy(size=t.encode_actors),
                 num_cpus=t.actor_num_cpus, num_gpus=t.actor_num_gpus or None)

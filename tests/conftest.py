@@ -135,7 +135,7 @@ def ray_local():
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+        ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
                  runtime_env={"env_vars": {**_TEST_ENV, **worker_env()}}, log_to_driver=False)
         started = True
     yield ray
@@ -404,3 +404,73 @@ def local_ray_head(env: dict[str, str]):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two Ray nodes on loopback
+
+
+@dataclass
+class TwoNodeRay:
+    address: str  # GCS address (RAY_ADDRESS for job drivers)
+    dashboard: str  # host:port of the head's dashboard (state API)
+    nodes: dict  # "node_a" (head) / "node_b" (worker) -> Ray node id
+    head_dir: Path  # working directory of the head node's processes
+    worker_dir: Path  # working directory of the worker node's processes
+    pid: int  # the process that owns both nodes (its descendants are the cluster)
+
+
+@pytest.fixture
+def two_node_ray(tmp_path, subprocess_env):
+    """A head and a worker Ray node (2 logical CPUs each, custom resources node_a / node_b), separate
+    node processes, working and temp directories, all on 127.0.0.1 (tests/helpers.py
+    serve_two_node_cluster); stopped by process group."""
+    import signal
+
+    head_dir, worker_dir = tmp_path / "head-node", tmp_path / "worker-node"
+    head_dir.mkdir()
+    worker_dir.mkdir()
+    info = tmp_path / "cluster.json"
+    env = {**subprocess_env, "RAY_AUTH_MODE": "disabled"}
+    log = open(tmp_path / "cluster.log", "wb")
+    code = ("import sys; from tests.helpers import serve_two_node_cluster; "
+            "serve_two_node_cluster(*sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(info), str(head_dir), str(worker_dir)], env=env,
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not info.exists():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("two-node Ray did not start: " + (tmp_path / "cluster.log").read_text()[-3000:])
+            time.sleep(0.2)
+        d = json.loads(info.read_text())
+        yield TwoNodeRay(d["address"], d["dashboard"], d["nodes"], head_dir, worker_dir, proc.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU tests
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped where CUDA is absent (pyproject.toml registers the marker), unless
+    ENAT_TEST_DEVICE=cpu asks to run them on the CPU (the smoke run of benchmarks/gpu_check.sh)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("ENAT_TEST_DEVICE") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -63,3 +63,68 @@ def kill_after_commits(proc, parts, n: int, log_path, what: str, timeout: float 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return len(list(parts.glob("*.json")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Listening sockets and a two-node Ray cluster on loopback
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or IPv4-mapped loopback (::ffff:127.0.0.1, which Python < 3.13 calls global)."""
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def listeners(pid: int) -> list[dict]:
+    """Every TCP LISTEN socket of process `pid` and its descendants: [{proc, pid, ip, port}]."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = []
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            conns, name = p.net_connections(kind="tcp"), p.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found += [{"proc": name, "pid": p.pid, "ip": c.laddr.ip, "port": c.laddr.port}
+                  for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def serve_two_node_cluster(info_path: str, head_dir: str, worker_dir: str, cpus: int = 2) -> None:
+    """Run a head and a worker Ray node on 127.0.0.1 until SIGTERM (`tests/conftest.py` two_node_ray).
+
+    `ray.cluster_utils.Cluster` starts each node's own GCS/raylet/object store as separate processes;
+    `ray start --address` refuses to join with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (ecosystem §8.5),
+    and with it on Ray replaces 127.0.0.1 by the routable address. Each raylet is started from its
+    own directory, so the workers of the two nodes have different working directories, and each node
+    has its own temp dir. Writes {"address", "dashboard", "nodes": {"node_a"|"node_b": node id}}.
+    """
+    import json
+    import signal
+
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    ray_constants.ENABLE_RAY_CLUSTER = False                     # every node binds 127.0.0.1
+    os.chdir(head_dir)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": cpus, "resources": {"node_a": 1}, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": 0, "object_store_memory": 120 * 2**20, "node_ip_address": "127.0.0.1"})
+    os.chdir(worker_dir)
+    worker = cluster.add_node(num_cpus=cpus, resources={"node_b": 1}, object_store_memory=120 * 2**20,
+                              node_ip_address="127.0.0.1")
+    os.chdir(head_dir)
+    done = []
+    signal.signal(signal.SIGTERM, lambda *_: done.append(1))
+    info = {"address": cluster.address, "dashboard": cluster.webui_url,
+            "nodes": {"node_a": cluster.head_node.node_id, "node_b": worker.node_id}}
+    with open(info_path + ".tmp", "w") as f:
+        json.dump(info, f)
+    os.replace(info_path + ".tmp", info_path)
+    while not done:
+        time.sleep(0.2)
+    cluster.shutdown()

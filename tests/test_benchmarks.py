@@ -22,3 +22,23 @@ def test_benchmark_smoke(script, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.strip(), "a benchmark prints its figures"
+
+
+SECTIONS = ["gpu tests", "sampling vs official", "VQGAN", "FID Inception", "training step"]
+
+
+def test_gpu_check_smoke_writes_every_section(tmp_path):
+    """benchmarks/gpu_check.sh --smoke: the one prepared GPU script, dry-run on the CPU with tiny sizes; it
+    writes the markdown block for docs/benchmarks.md with every stage's section and status."""
+    env = {**os.environ, **service_env(), "OUT": str(tmp_path), "DS_ACCELERATOR": "cpu",
+           "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=400)
+    fig = tmp_path / "gpu_figures.md"
+    assert fig.exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    text = fig.read_text()
+    assert r.returncode == 0, text[-4000:] + r.stdout[-2000:]
+    assert text.startswith("### GPU figures:") and "device cpu" in text and "Smoke run" in text
+    for name in SECTIONS:
+        assert f"#### {name}: ok" in text, (name, text[-3000:])
+    assert "img/s" in text and "1 passed" in text          # figures and the test summary were captured

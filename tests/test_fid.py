@@ -254,14 +254,15 @@ def _adm_inception_score(logits: np.ndarray, split_size: int) -> float:
 def test_inception_score_merged_equals_single_pass(total, splits):
     g = torch.Generator().manual_seed(total)
     logits = torch.randn(total, 1008, generator=g) * 3
-    ref_mean, ref_std = inception_score(logits, splits)
+    # the contiguous protocol (ADM's when splits divide N); tests/test_is_protocol.py covers the default
+    ref_mean, ref_std = inception_score(logits, splits, shuffle_seed=None)
 
     # shards in any order, given by global index; one shard scattered (non-contiguous indices)
     perm = torch.randperm(total, generator=g)
     parts = []
     for idx in torch.tensor_split(perm, 4):
-        parts.append(ISStats.empty(total, splits).update(logits[idx], idx))
-    contiguous = ISStats.empty(total, splits).update(logits[:5], 0).update(logits[5:], 5)
+        parts.append(ISStats.empty(total, splits, shuffle_seed=None).update(logits[idx], idx))
+    contiguous = ISStats.empty(total, splits, shuffle_seed=None).update(logits[:5], 0).update(logits[5:], 5)
     merged = parts[2] + parts[0] + parts[3] + parts[1]
     for stats in (merged, contiguous, ISStats.from_state_dict(merged.state_dict())):
         mean, std = stats.score()
@@ -276,8 +277,9 @@ def test_is_split_index_matches_slicing():
             idx = torch.arange(total)
             expected = torch.cat([torch.full(((k + 1) * total // splits - k * total // splits,), k)
                                   for k in range(splits)])
-            assert torch.equal(is_split_index(idx, total, splits), expected), (total, splits)
-    assert torch.equal(is_split_index(torch.tensor([0, 4999, 5000, 49999]), 50000, 10), torch.tensor([0, 0, 1, 9]))
+            assert torch.equal(is_split_index(idx, total, splits, shuffle_seed=None), expected), (total, splits)
+    assert torch.equal(is_split_index(torch.tensor([0, 4999, 5000, 49999]), 50000, 10, shuffle_seed=None),
+                       torch.tensor([0, 0, 1, 9]))
 
 
 def test_is_stats_errors():

@@ -81,3 +81,117 @@ def test_guide_commands_reference_real_files_and_subcommands():
         assert sub in COMMANDS, sub
     for sub in re.findall(r"^enat ([\w-]+)", blocks, flags=re.M):
         assert sub in COMMANDS, sub
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every job config fits the cluster that runs it: its actors / workers, each with its GPUs and CPUs,
+# pack onto the nodes the manifest declares (a pool that cannot fill waits forever).
+
+# what the AWS launcher's instance types offer Ray (GPUs and vCPUs detected on the node)
+INSTANCES = {"p5.48xlarge": {"GPU": 8, "CPU": 192}, "m7i.4xlarge": {"GPU": 0, "CPU": 16}}
+
+
+def _cpus(text) -> float:
+    text = str(text)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _k8s_node(params: dict, container: dict) -> dict[str, float]:
+    """One Ray node of a KubeRay group: rayStartParams win, else the container limits."""
+    limits = container["resources"]["limits"]
+    return {"CPU": _cpus(params.get("num-cpus", limits.get("cpu", 0))),
+            "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+
+
+def kuberay_nodes(spec: dict) -> list[dict[str, float]]:
+    head = spec["headGroupSpec"]
+    nodes = [_k8s_node(head.get("rayStartParams", {}), head["template"]["spec"]["containers"][0])]
+    for group in spec["workerGroupSpecs"]:
+        node = _k8s_node(group.get("rayStartParams", {}), group["template"]["spec"]["containers"][0])
+        nodes += [dict(node) for _ in range(int(group["replicas"]))]
+    return nodes
+
+
+def launcher_nodes(c: dict) -> list[dict[str, float]]:
+    """The AWS cluster at full size: the head plus every worker type at its max_workers (≤ the global cap)."""
+    nodes, left = [], int(c["max_workers"])
+    for name, t in c["available_node_types"].items():
+        node = {**INSTANCES[t["node_config"]["InstanceType"]], **t.get("resources", {})}
+        count = 1 if name == c["head_node_type"] else min(int(t.get("max_workers", 0)), left)
+        left -= 0 if name == c["head_node_type"] else count
+        nodes += [{k: float(v) for k, v in node.items()} for _ in range(count)]
+    return nodes
+
+
+def job_bundles(cfg) -> list[dict[str, float]]:
+    """The resources a job holds at once: one bundle per actor / Ray Train worker (+ one decode task)."""
+    if isinstance(cfg, TokenizeJobConfig):
+        t = cfg.tokenize
+        bundles = [{"CPU": t.actor_num_cpus, "GPU": t.actor_num_gpus}] * t.encode_actors
+        if t.decode_on == "tasks" or (t.decode_on == "auto" and t.actor_num_gpus > 0):
+            bundles.append({"CPU": t.decode_num_cpus, "GPU": 0.0})  # at least one decode task must run
+        return bundles
+    if isinstance(cfg, TrainJobConfig):
+        s = cfg.scaling
+        return [{"CPU": s.cpus_per_worker, "GPU": 1.0 if s.use_gpu else 0.0}] * s.num_workers
+    c = cfg.compute
+    return [{"CPU": c.actor_num_cpus, "GPU": c.actor_num_gpus}] * c.actors
+
+
+def unplaced(bundles, nodes) -> list[dict[str, float]]:
+    """First-fit decreasing packing of the bundles onto the nodes; returns what does not fit."""
+    free = [dict(n) for n in nodes]
+    left = []
+    for b in sorted(bundles, key=lambda b: (b["GPU"], b["CPU"]), reverse=True):
+        node = next((n for n in free if all(n.get(k, 0.0) >= v for k, v in b.items())), None)
+        if node is None:
+            left.append(b)
+            continue
+        for k, v in b.items():
+            node[k] -= v
+    return left
+
+
+def _load_job_config(path: Path):
+    return load_config(JOBS[path.name.split("-")[0]], path)
+
+
+@pytest.mark.parametrize("path", sorted((INFRA / "kuberay").glob("rayjob-*.yaml")), ids=lambda p: p.name)
+def test_rayjob_config_fits_its_cluster(path):
+    doc = yaml.safe_load(path.read_text())
+    cfg_path = INFRA.parent / doc["spec"]["entrypoint"].split("--config ")[1].split()[0].replace("/app/", "")
+    cfg = _load_job_config(cfg_path)
+    nodes = kuberay_nodes(doc["spec"]["rayClusterSpec"])
+    left = unplaced(job_bundles(cfg), nodes)
+    assert not left, (f"{path.name}: {cfg_path.name} holds {job_bundles(cfg)}; {left} do not fit on the nodes "
+                      f"{nodes}: raise the worker group's replicas or lower the config's actors / workers")
+
+
+@pytest.mark.parametrize("cluster", ["kuberay/raycluster.yaml", "cluster/aws-gpu.yaml"])
+@pytest.mark.parametrize("path", sorted((INFRA / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_fits_the_shared_clusters(path, cluster):
+    doc = yaml.safe_load((INFRA / cluster).read_text())
+    nodes = kuberay_nodes(doc["spec"]) if doc.get("kind") == "RayCluster" else launcher_nodes(doc)
+    cfg = _load_job_config(path)
+    assert not unplaced(job_bundles(cfg), nodes), f"{path.name} does not fit infra/{cluster} ({nodes})"
+
+
+def test_fit_check_catches_an_oversized_pool():
+    spec = yaml.safe_load((INFRA / "kuberay" / "rayjob-tokenize.yaml").read_text())["spec"]["rayClusterSpec"]
+    spec["workerGroupSpecs"][0]["replicas"] = 1                      # 8 GPUs for 16 one-GPU actors
+    cfg = _load_job_config(INFRA / "configs" / "tokenize-imagenet256.yaml")
+    assert len(unplaced(job_bundles(cfg), kuberay_nodes(spec))) == 8
+
+
+def test_512_configs_carry_the_paper_settings():
+    tok = _load_job_config(INFRA / "configs" / "tokenize-imagenet512.yaml")
+    assert tok.image.resolution == 512 and tok.tokenizer.preset == "mage-f16" and tok.tokenize.flips == "train"
+    train = _load_job_config(INFRA / "configs" / "train-imagenet512-enat-l.yaml")
+    assert (train.model.preset, train.optim.lr, train.train.global_batch) == ("enat-l-512", 1e-4, 512)
+    assert train.data.root == tok.tokenize.out                      # trains on what the tokenizer wrote
+    sample = _load_job_config(INFRA / "configs" / "sample-imagenet512-enat-l.yaml")
+    s = sample.sampler.resolve()
+    assert (s.steps, s.cfg_scale, s.mask_temp, s.sample_temp) == (8, 3.5, 1.5, 4.0)   # enat-facts §6
+    assert sample.plan.batch_size == 25 and sample.plan.num_samples == 50_000           # the paper's 50K
+    assert sample.fid.reference.endswith("fid_stats_imagenet512_guided_diffusion.npz")
+    assert "enat-l-512" in sample.model.checkpoint

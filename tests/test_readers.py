@@ -10,9 +10,11 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import shards, storage
 from pipeline.config import ReaderConfig
@@ -22,15 +24,19 @@ L, K = 16, 10  # tokens per row, classes
 
 
 def write_dataset(root: str, split: str = "train", n: int = 50, per_shard: int = 7, per_entry: int = 3,
-                  flips: bool = True, text: bool = False, storage_cfg=None, seed: int = 0) -> shards.Rows:
-    """A small tokenized split in the tokenize job's layout (shards, manifest, dataset.json)."""
+                  flips: bool = True, text: bool = False, storage_cfg=None, seed: int = 0,
+                  text_dims: tuple[int, int] = (6, 4), captions_per_image: int = 0) -> shards.Rows:
+    """A small tokenized split in the tokenize job's layout (shards, manifest, dataset.json); caption
+    features ``text_dims`` (T, D) each, ``captions_per_image`` per image (0: 1 to 3)."""
     rng = np.random.default_rng(seed)
-    caps = [[f"image {i} caption {j}" for j in range(1 + i % 3)] for i in range(n)] if text else None
+    caps = [[f"image {i} caption {j}" for j in range(captions_per_image or 1 + i % 3)]
+            for i in range(n)] if text else None
     rows = shards.Rows(keys=[f"k{i:04d}" for i in range(n)], paths=[f"{split}/x/k{i}.JPEG" for i in range(n)],
                        index=np.arange(n), cls=(np.arange(n) % K) if not text else np.full(n, -1),
                        tokens=rng.integers(0, 512, (n, L)), tokens_flip=rng.integers(512, 1024, (n, L)) if flips else None,
                        captions=caps,
-                       text=rng.standard_normal((sum(map(len, caps)), 6, 4)).astype(np.float16) if text else None)
+                       text=rng.standard_normal((sum(map(len, caps)), *text_dims)).astype(np.float16)
+                       if text else None)
     fs, path = storage.filesystem(root, storage_cfg)
     recs = []
     for s, start in enumerate(range(0, n, per_shard)):
@@ -45,7 +51,7 @@ def write_dataset(root: str, split: str = "train", n: int = 50, per_shard: int =
     ds = {"seq_len": L, "num_classes": 0 if text else K, "splits": {split: {"flips": flips, "samples": n}},
           "text": {"kind": "random", "empty_context": "empty_context.npy"} if text else None}
     if text:
-        storage.put_atomic(fs, f"{path}/empty_context.npy", shards.npy_bytes(np.full((6, 4), 7, np.float16)))
+        storage.put_atomic(fs, f"{path}/empty_context.npy", shards.npy_bytes(np.full(text_dims, 7, np.float16)))
     shards.write_json(fs, f"{path}/dataset.json", ds)
     return rows
 
@@ -203,6 +209,57 @@ def test_streaming_modes_are_deterministic_and_resumable(tmp_path):
     list(rd)
     assert rd.state_dict() == {"epoch": 1, "step": 0}
     assert [x["key"] for x in rd] != [x["key"] for x in a]
+
+
+class CountingFileSystem(LocalFileSystem):
+    """``counting:///abs/path``: the local filesystem, counting every byte read through it."""
+
+    protocol = ("counting",)
+    bytes_read = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        return super()._strip_protocol(path[len("counting://"):] if path.startswith("counting://") else path)
+
+    def _open(self, path, mode="rb", **kw):
+        f = super()._open(path, mode, **kw)
+        read = f.read
+
+        def counted(*args, **kwargs):
+            data = read(*args, **kwargs)
+            CountingFileSystem.bytes_read += len(data)
+            return data
+
+        f.read = counted
+        return f
+
+
+def test_streaming_reads_only_the_caption_features_it_uses(tmp_path):
+    """Of 5 caption features per image the stream fetches the one it uses (counted at the filesystem)."""
+    fsspec.register_implementation("counting", CountingFileSystem, clobber=True)
+    n, caps, dims = 24, 5, (77, 64)  # one caption feature = 77·64 float16 = 9,856 bytes
+    rows = write_dataset(str(tmp_path / "coco"), n=n, per_shard=8, per_entry=4, text=True, text_dims=dims,
+                         captions_per_image=caps)
+    root = f"counting://{tmp_path / 'coco'}"
+    man = shards.read_manifest(*storage.filesystem(str(tmp_path / "coco" / "train" / "manifest.parquet")))
+    total = sum(m["bytes"] for m in man)
+    feature = int(np.prod(dims)) * 2
+    chunk = 4096
+    CountingFileSystem.bytes_read = 0
+    got = list(StreamingReader(root, batch_size=4, num_workers=0, seed=1, shuffle_buffer=0, p_uncond=0.0,
+                               range_chunk=chunk))
+    read = CountingFileSystem.bytes_read
+    for b in got:  # the right features still
+        for key, ctx, cap in zip(b["key"], b["context"].numpy(), b["caption"]):
+            i = rows.keys.index(key)
+            np.testing.assert_array_equal(ctx, rows.text[rows.text_offsets[i] + rows.captions[i].index(cap)])
+    assert sum(len(b["key"]) for b in got) == n
+    small = total - n * caps * feature  # tar headers, tokens, keys, captions …
+    entries = -(-n // 4)
+    # every used feature once, the small members, and at most two chunks of overhead per tar entry
+    assert n * feature <= read <= n * feature + small + 2 * entries * chunk, (read, total)
+    assert read < total / 2
 
 
 def test_streaming_resampled_equal_batch_counts(dataset):

@@ -195,3 +195,50 @@ def test_compiled_network_path_matches_eager():
     ref = enat.generate(m, y, enat.SamplerConfig(steps=4, **DET))
     comp = enat.generate(m, y, enat.SamplerConfig(steps=4, compile=True, compile_backend="eager", **DET))
     assert torch.equal(ref, comp)
+
+
+def test_float64_model_keeps_float64_logits_token_for_token(golden, shift=1e5):
+    """As official, guidance / log-softmax run in the network's dtype: a float64 model reproduces the
+    official loop token for token even where float32 could not hold its logits. A constant added to every
+    logit (the head's bias) leaves the official float64 loop unchanged — log_softmax removes it — but in
+    float32 (spacing 2^-7 at 1e5) it ties and reorders the confidences."""
+    case = golden["small"]
+    m = enat.ENAT.from_official(case["state_dict"], enat.ENATConfig(**case["config"])).double()
+    with torch.no_grad():
+        m.mlm_layer.bias += shift
+    for steps in (8, 4):
+        for reuse in (True, False):
+            toks = enat.generate(m, case["labels"], enat.SamplerConfig(steps=steps, cfg_scale=2.5, reuse=reuse, **DET))
+            assert torch.equal(toks, case["samples"][f"steps{steps}_reuse{int(reuse)}"]), (steps, reuse)
+    with torch.no_grad():
+        assert torch.equal(toks, reference_loop(m, case["labels"], 4, 2.5, reuse=False))
+
+
+def test_sample_step_dtypes():
+    """float32 / float64 logits keep their dtype (as official); half-precision ones are promoted to
+    float32 (differs from official, documented in enat/sampler.py)."""
+    from enat.sampler import _sample
+
+    cfg = enat.SamplerConfig(steps=8)
+    for dtype, want in [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                        (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]:
+        c = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+        ids, conf = _sample(c, c.flip(0), 1.5, 0.5, cfg, torch.Generator().manual_seed(1))
+        assert conf.dtype == want and ids.shape == (2, 5), dtype
+
+
+def test_generator_must_live_on_the_models_device():
+    """Every draw is made with a generator on the device of what it draws: a generator on another
+    device is refused up front, naming both devices and the fix (the CUDA case runs in the gpu tests)."""
+    from types import SimpleNamespace
+
+    from enat.sampler import check_generator
+
+    check_generator(torch.Generator().manual_seed(0), torch.device("cpu"))
+    check_generator(None, torch.device("cpu"))
+    elsewhere = SimpleNamespace(device=torch.device("cuda", 0))  # a CUDA generator, as far as the check reads
+    with pytest.raises(ValueError, match=r"generator is on cuda:0 but the model is on cpu.*torch.Generator\('cpu'\)"):
+        check_generator(elsewhere, torch.device("cpu"))
+    m = random_model(tiny_config())
+    with pytest.raises(ValueError, match="generate: the generator is on cuda:0"):
+        enat.generate(m, torch.tensor([1]), generator=elsewhere)

@@ -240,6 +240,13 @@ def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlfl
                       - 2 * np.trace(covmean).real)
     assert res["fid_method"] == "eigvals" and res["fid"] == pytest.approx(scipy_fid, rel=1e-6) and res["fid"] > 0
     assert 1.0 <= res["is"] < 1008
+    # IS by torch-fidelity's protocol (shuffle seed 2020, 10 splits) over the unbiased logits of the same
+    # features, not by contiguous index ranges (which a class-ordered plan caps near C / 10)
+    fc = torch.load(assets / "inception.pt")["fc.weight"].double().numpy()
+    logits = feats @ fc.T  # (N, 1008), FIDInception(logits_bias=False)
+    assert res["is_protocol"] == {"name": "torch-fidelity", "splits": 10, "shuffle_seed": 2020}
+    assert (res["is"], res["is_std"]) == pytest.approx(inception_score(logits, 10), rel=1e-5)
+    assert res["is_std"] != pytest.approx(inception_score(logits, 10, shuffle_seed=None)[1], rel=1e-3)
 
     # MLflow: a child of the training run with the metrics at the given step, the params and the grid
     run = client.get_run(json.loads((out / "plan.json").read_text())["mlflow_run_id"])
@@ -249,7 +256,9 @@ def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlfl
     assert [m.step for m in client.get_metric_history(run.info.run_id, "fid")] == [5000]
     assert run.data.params["sampler.preset"] == "imagenet-256"
     assert run.data.params["resolved_sampler.cfg_scale"] == "2.5" and run.data.params["plan.num_samples"] == str(N)
-    assert run.data.tags["fid_available"] == "true"
+    assert run.data.tags["fid_available"] == "true" and run.data.tags["is_protocol"] == "torch-fidelity"
+    assert run.data.params["fid.is_protocol"] == "torch-fidelity"
+    assert run.data.params["is_protocol.shuffle_seed"] == "2020"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert "samples/grid.png" in artifacts
     grid = Image.open(client.download_artifacts(run.info.run_id, "samples/grid.png", str(tmp_path)))
@@ -394,3 +403,50 @@ def test_documented_example_config_loads():
     for name in sampling.SAMPLE_PRESETS:
         cfg = jobs.sample.parse_args(["--preset", name, "model.checkpoint=x.pt", "output.uri=out"])
         assert cfg.model.preset and cfg.plan.num_samples in (50_000, 30_000)
+
+
+def test_unit_runner_draws_on_its_compute_device(tmp_path):
+    """The unit's generator is built on the runner's compute device (the model's), seeded by the plan;
+    the sampler refuses a generator on another device (tests/test_sampler.py), so a CUDA runner cannot
+    pair a CPU generator with CUDA tensors."""
+    model = random_model(tiny_config(codebook_size=32, num_classes=CLASSES))
+    runner = sampling.UnitRunner(model, None, None, enat.SamplerConfig(), str(tmp_path))
+    unit = sampling.make_units(8, 4, 7, sampling.balanced_labels(8, CLASSES))[1]
+    gen = runner.generator(unit)
+    assert gen.device == runner.device == model.mlm_layer.bias.device
+    assert gen.initial_seed() == unit.seed == sampling.unit_seed(7, 1)
+
+
+def test_fid_stats_from_an_adm_reference_batch_on_s3(ray_local, assets, tmp_path, s3_bucket):
+    """ADM's reference batches (arr_0 uint8 NHWC, plus TF-Inception mu / sigma) as a fid-stats source:
+    pytorch-fid statistics of the very images, read by ranged reads from the S3 test server, equal to a
+    single pass of the FID Inception over them; a statistics-only npz or wrong shapes are refused, naming
+    the file."""
+    from jobs.fid_stats import main as fid_stats_main
+
+    images = np.random.default_rng(5).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()  # np.savez, as ADM's reference batches: the TF statistics ride along, unused
+    np.savez(buf, arr_0=images, arr_1=np.arange(7), mu=np.zeros(4), sigma=np.eye(4))
+    s3_bucket.fs.pipe_file(f"{s3_bucket.bucket}/adm/VIRTUAL_tiny_labeled.npz", buf.getvalue())
+    stats_only = io.BytesIO()
+    np.savez(stats_only, mu=np.zeros(4), sigma=np.eye(4))
+    s3_bucket.fs.pipe_file(f"{s3_bucket.bucket}/adm/stats_only.npz", stats_only.getvalue())
+    args = ["source.kind=adm_npz", "source.resolution=32", "source.unit_size=4", "source.batch_size=3",
+            f"inception.weights={assets / 'inception.pt'}", f"storage.endpoint_url={s3_bucket.endpoint}",
+            "compute.progress=false"]
+    res = fid_stats_main([f"source.root={s3_bucket.url('adm', 'VIRTUAL_tiny_labeled.npz')}",
+                          f"output={tmp_path / 'ref'}", *args])
+    assert res["n"] == 7 and res["units"] == 2 and res["rejected"] == 0
+    mu, sigma = enat.fid.load_reference_stats(str(tmp_path / "ref" / "fid_stats.npz"))
+    net = FIDInception.from_pytorch_fid(str(assets / "inception.pt"))
+    with torch.no_grad():
+        pool3 = net(torch.from_numpy(images).permute(0, 3, 1, 2))[0].double().numpy()
+    # float32 convolutions in batches of 3 vs 7: equal to ~1e-5 of the scale (a misread row would not be)
+    np.testing.assert_allclose(mu, pool3.mean(0), rtol=1e-4, atol=1e-4 * np.abs(mu).max())
+    np.testing.assert_allclose(sigma, np.cov(pool3, rowvar=False), rtol=1e-4, atol=1e-4 * np.abs(sigma).max())
+
+    with pytest.raises(ValueError, match=r"stats_only.npz: no images \(arr_0\).*statistics only"):
+        fid_stats_main([f"source.root={s3_bucket.url('adm', 'stats_only.npz')}", f"output={tmp_path / 'x'}", *args])
+    with pytest.raises(ValueError, match=r"tiny_labeled.npz: arr_0 holds 32x32 images, source.resolution is 64"):
+        fid_stats_main([f"source.root={s3_bucket.url('adm', 'VIRTUAL_tiny_labeled.npz')}",
+                        f"output={tmp_path / 'y'}", *args, "source.resolution=64"])

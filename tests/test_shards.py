@@ -56,6 +56,28 @@ def test_text_rows_round_trip():
     np.testing.assert_array_equal(part.text, rows.text[rows.text_offsets[2]:rows.text_offsets[5]])
 
 
+def test_ranged_entries_equal_the_plain_ones_and_fetch_rows_on_demand(tmp_path):
+    rows = _rows(9, text=True)
+    data = shards.pack_shard(rows, 0, rows_per_entry=4)
+    (tmp_path / "s.tar").write_bytes(data)
+    fs, path = storage.filesystem(str(tmp_path / "s.tar"))
+    reader = shards.RangeReader(fs, path, len(data), chunk=1024)
+    ranged = list(shards.iter_tar_entries_ranged(reader))
+    plain = list(shards.iter_tar_entries(data))
+    assert [sorted(e) for e in ranged] == [sorted(e) for e in plain]
+    for r, p in zip(ranged, plain):
+        assert all(r[k] == p[k] for k in p if k != "text.npy")
+        lazy, full = r["text.npy"], np.load(io.BytesIO(p["text.npy"]))
+        assert lazy.shape == full.shape and lazy.dtype == np.float16
+        for i in range(len(full)):
+            np.testing.assert_array_equal(lazy[i], full[i])
+        with pytest.raises(IndexError, match="text.npy: row"):
+            lazy[len(full)]
+    back = shards.Rows.concat([shards.unpack_entry(e) for e in plain])
+    first = shards.unpack_entry(ranged[0])  # Rows accepts the lazy member as its text
+    np.testing.assert_array_equal(first.text[2], back.text[2])
+
+
 def test_tars_are_byte_reproducible_and_standard():
     a = shards.pack_shard(_rows(30), 1, 8)
     b = shards.pack_shard(_rows(30), 1, 8)

@@ -65,10 +65,10 @@ def _tars(out: Path, split: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / split).glob("*.tar"))}
 
 
-def _expected_crop(path: Path) -> np.ndarray:
+def _expected_crop(path: Path, crop: str = "adm") -> np.ndarray:
     from pipeline.images import decode_and_crop
 
-    d = decode_and_crop(path.read_bytes(), RES)
+    d = decode_and_crop(path.read_bytes(), RES, crop=crop)
     assert d.ok, d
     return d.array
 
@@ -191,6 +191,37 @@ def test_imagenet_layout_end_to_end(ray_local, image_folder, make_folder, patch_
         _run(_config(image_folder.root, out, other), tmp_path)
 
 
+def test_imagenet_as_distributed_flat_val_with_label_file(ray_local, patch_tokenizer, tmp_path):
+    """train/<wnid>/ folders + a flat val/ labelled by the devkit's ground truth and meta.mat."""
+    from tests.datasets import make_imagenet_like
+
+    weights, _ = patch_tokenizer
+    data = make_imagenet_like(tmp_path / "ilsvrc")
+    out = tmp_path / "out"
+    cfg = _config(data.root, out, weights, source__splits=["train", "val"],
+                  source__labels={"val": data.ground_truth}, source__synsets=data.meta_mat)
+    _run(cfg, tmp_path)
+    ds = json.loads((out / "dataset.json").read_text())
+    assert ds["classes"] == data.classes and ds["source"]["label_files"]["val"].endswith("ground_truth.txt")
+    val = shards.Rows.concat([shards.read_shard_bytes(b) for b in _tars(out, "val").values()])
+    assert val.keys == sorted(data.val_truth)
+    assert list(val.cls) == [data.classes.index(data.val_truth[k]) for k in val.keys]  # the train indices
+    train = shards.Rows.concat([shards.read_shard_bytes(b) for b in _tars(out, "train").values()])
+    assert list(train.cls) == [data.classes.index(k.split("/")[0]) for k in train.keys]
+
+
+def test_class_mismatch_fails_before_any_shard_is_written(ray_local, make_folder, patch_tokenizer, tmp_path):
+    weights, _ = patch_tokenizer
+    data = make_folder(tmp_path / "src", per_class=2, bad=False)
+    make_folder(data.root, split="val", classes=("n01", "n02", "n04"), per_class=1, bad=False, seed=1)
+    out = tmp_path / "out"
+    cfg = _config(data.root, out, weights, source__splits=["train", "val"])
+    for _ in range(2):  # and the same on a rerun: nothing was committed in between
+        with pytest.raises(ConfigError, match=r"split 'val'.*\['n04'\].*\['n03'\]"):
+            _run(cfg, tmp_path)
+        assert not [p for p in out.rglob("*") if p.is_file()]  # no shard, no commit record, no dataset.json
+
+
 def test_sixteen_bit_is_rescaled_not_clipped():
     """PIL's convert("RGB") clips 16-bit values at 255; the pipeline scales to 8 bits."""
     import io
@@ -270,6 +301,11 @@ def test_coco_captions_and_text_features(ray_local, coco_data, patch_tokenizer, 
     assert rows.keys == sorted(coco_data.captions, key=lambda k: int(k.rsplit("_", 1)[1]))  # by image id
     assert {k: c for k, c in zip(rows.keys, rows.captions)} == coco_data.captions
     assert rows.tokens_flip is not None  # train split: flips as for ImageNet
+    # U-ViT's COCO crop (short-side square + Lanczos), not ADM's: the pipeline of the COCO FID statistics
+    files = [coco_data.root / "train2014" / f"{k}.jpg" for k in rows.keys]
+    x = torch.from_numpy(np.stack([_expected_crop(f, "uvit") for f in files])).permute(0, 3, 1, 2).float() / 255
+    np.testing.assert_array_equal(rows.tokens, tok.encode(x).reshape(len(files), -1).numpy())
+    np.testing.assert_array_equal(rows.tokens_flip, tok.encode(x.flip(-1)).reshape(len(files), -1).numpy())
     enc = RandomTextEncoder(dim=32, length=77, seed=7)
     flat = [c for caps in rows.captions for c in caps]
     assert rows.text.shape == (len(flat), 77, 32) and rows.text.dtype == np.float16
@@ -279,7 +315,7 @@ def test_coco_captions_and_text_features(ray_local, coco_data, patch_tokenizer, 
     assert not np.allclose(empty, rows.text[0])
     ds = json.loads((out / "dataset.json").read_text())
     assert ds["text"]["kind"] == "random" and ds["text"]["empty_context"] == "empty_context.npy"
-    assert ds["num_classes"] == 0
+    assert ds["num_classes"] == 0 and ds["source"]["crop"] == "uvit"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,94 @@
+"""The Ray session every job shares (pipeline/cluster.py) and the driver-side config resolution.
+
+- The embedded local Ray listens on loopback only, however the job is started — also when `ray` was
+  imported before the job's entry (a notebook), when the env var Ray reads at import time is too late.
+- Relative local paths in a job config are resolved on the driver, so Ray workers whose working
+  directory differs read the same files.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from tests.helpers import is_loopback
+
+# The job runs in a fresh interpreter that imports ray first; just before the job shuts its Ray down,
+# every TCP listener of every process of that Ray session (the driver and all its descendants: GCS,
+# raylet, dashboard agent, runtime-env agent, workers) is recorded.
+_LISTENERS_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import ray                       # imported first, as in a notebook: Ray reads its env vars now
+    from tests.helpers import listeners
+
+    found = []
+    _shutdown = ray.shutdown
+
+    def _record_then_shutdown(*a, **k):
+        found.extend(listeners(os.getpid()))
+        return _shutdown(*a, **k)
+
+    ray.shutdown = _record_then_shutdown
+    from jobs.tokenize import main
+    main(sys.argv[2:])
+    open(sys.argv[1], "w").write(json.dumps(found))
+""")
+
+
+def test_embedded_ray_listens_on_loopback_only(tmp_path, make_folder, subprocess_env):
+    from enat.patch_vq import PatchVQ
+    import torch
+
+    data = make_folder(tmp_path / "imagenet", classes=("a", "b"), per_class=2, bad=False)
+    weights = tmp_path / "patch.pt"
+    torch.save(PatchVQ.fit(torch.rand(8, 3, 16, 16), codebook_size=8, patch=8, iters=2, seed=0).state_dict(),
+               weights)
+    env = {k: v for k, v in subprocess_env.items() if not k.startswith("RAY_ENABLE_WINDOWS_OR_OSX")}
+    out = tmp_path / "listeners.json"
+    args = [f"source.root={data.root}", "image.resolution=16", "tokenizer.kind=patch",
+            f"tokenizer.weights={weights}", f"tokenize.out={tmp_path / 'tokens'}", "tokenize.progress=false",
+            "ray.num_cpus=1"]
+    proc = subprocess.run([sys.executable, "-c", _LISTENERS_SCRIPT, str(out), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    listeners = json.loads(out.read_text())
+    procs = {x["proc"] for x in listeners}
+    assert {"gcs_server", "raylet"} <= procs, listeners          # the Ray session was observed
+    exposed = [x for x in listeners if not is_loopback(x["ip"])]
+    assert not exposed, f"Ray listeners beyond loopback: {exposed}"
+
+
+def test_relative_data_root_is_read_by_train_workers_in_another_cwd(ray_local, tmp_path, monkeypatch):
+    from jobs.train import main
+    from tests.train_data import write_shapes_dataset
+
+    driver_cwd = tmp_path / "driver"
+    driver_cwd.mkdir()
+    write_shapes_dataset(str(driver_cwd / "tok"), n=40, per_shard=20)
+    monkeypatch.chdir(driver_cwd)                                   # Ray's workers run elsewhere
+    result = main(["data.root=tok", "checkpoint.uri=ckpt", "model.preset=enat-s", "model.encoder_depth=1",
+                   "model.decoder_depth=1", "model.dim=32", "model.num_heads=2", "train.global_batch=8",
+                   "train.steps=2", "train.log_every=1", "deepspeed.precision=fp32", "scaling.num_workers=1",
+                   "scaling.max_failures=0", "checkpoint.every=2", "mlflow.system_metrics=false",
+                   f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert result.error is None, result.error
+    assert (driver_cwd / "ckpt" / "enat" / "step_000000002" / "ema.pt").exists()
+
+
+def test_resolve_locations_marks_fields_not_names(tmp_path):
+    from pipeline.config import TokenizeJobConfig, absolute_location, load_config, resolve_locations
+
+    cwd = str(tmp_path)
+    assert absolute_location("a/b", cwd) == f"{cwd}/a/b"
+    assert absolute_location("file://a/b", cwd) == f"file://{cwd}/a/b"
+    assert absolute_location("sqlite:///m.db", cwd) == f"sqlite:///{cwd}/m.db"
+    assert absolute_location("sqlite:////abs/m.db", cwd) == "sqlite:////abs/m.db"
+    for url in ("s3://b/k", "gs://b/k", "memory://x", "http://127.0.0.1:5000", "/abs/x", ""):
+        assert absolute_location(url, cwd) == url
+    cfg = load_config(TokenizeJobConfig, {"source": {"root": "s3://b/imgs"}, "tokenize": {"out": "tok"},
+                                          "tokenizer": {"weights": "w/vq.ckpt", "preset": "mage-f16"}})
+    res = resolve_locations(cfg, cwd)
+    assert (res.tokenize.out, res.tokenizer.weights) == (f"{cwd}/tok", f"{cwd}/w/vq.ckpt")
+    assert res.tokenizer.preset == "mage-f16" and res.source.root == "s3://b/imgs"   # not a location / a URL
+    assert resolve_locations(res, "/elsewhere") == res                               # idempotent

@@ -1,0 +1,241 @@
+"""Every YAML in infra/configs/ runs end to end on CPU, as a user of the paper's setup runs it.
+
+Only sizes are overridden (resolution, model dims, steps, batch and sample counts, actors / workers,
+`use_gpu=false`) and locations are pointed at the test services (the S3 test server, the mlflow server);
+everything else the config names stays as written: bf16, the ZeRO stage, the VQGAN tokenizer (random
+weights, MAGE f16 architecture, at 64 / 128 px), flips, label / caption drop, the sampler preset, the
+decode dtype. `test_overrides_only_change_sizes_and_locations` holds the overrides to that rule.
+
+The configs chain as they do on a cluster: tokenize → train on those tokens → sample the trained EMA.
+ImageNet is laid out as ILSVRC2012 ships (class folders for train, a flat val/ with LOC_val_solution.csv),
+COCO as the 2014 release (captions JSON), with a real (tiny, random) CLIP text tower.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, make_coco, upload_dir
+from tests.datasets import make_imagenet_like
+from tests.helpers import fid_recipe_state_dict
+
+CONFIGS = REPO / "infra" / "configs"
+
+# What the test may change: sizes, devices, and where things are. Anything else must stay as configured.
+SIZE_KEYS = {
+    "image.resolution", "tokenize.samples_per_shard", "tokenize.batch_size", "tokenize.encode_actors",
+    "tokenize.actor_num_gpus", "tokenize.rows_per_entry", "tokenize.progress",
+    "model.encoder_depth", "model.decoder_depth", "model.dim", "model.num_heads",
+    "train.global_batch", "train.steps", "train.log_every", "optim.warmup_steps",
+    "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.max_failures",
+    "checkpoint.every", "mlflow.system_metrics", "data.batches_per_epoch", "data.num_workers",
+    "data.shuffle_buffer", "plan.num_samples", "plan.unit_size", "plan.batch_size", "output.grid",
+    "compute.actors", "compute.actor_num_gpus", "compute.actor_num_cpus", "compute.png_threads",
+    "compute.progress", "inception.batch_size",
+}
+LOCATION_KEYS = {
+    "source.root", "tokenize.out", "tokenizer.weights", "text.weights", "storage.endpoint_url", "data.root",
+    "checkpoint.uri", "mlflow.tracking_uri", "model.checkpoint", "inception.weights", "fid.reference",
+    "output.uri",
+}
+TINY_MODEL = ["model.encoder_depth=1", "model.decoder_depth=1", "model.dim=32", "model.num_heads=2"]
+STAGES = {"tokenize": ("tokenize-",), "train": ("train-",), "sample": ("sample-",)}
+
+
+def _config(name: str) -> dict:
+    import yaml
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def _run(job: str, name: str, overrides: list[str]):
+    """`python -m jobs.<job> --config infra/configs/<name> overrides…` in this process (shared Ray)."""
+    import importlib
+    _RUNS.setdefault(name, []).extend(overrides)
+    return importlib.import_module(f"jobs.{job}").main(["--config", str(CONFIGS / name), *overrides])
+
+
+_RUNS: dict[str, list[str]] = {}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, moto_endpoint, mlflow_server, ray_local):
+    """One bucket with ImageNet-like and COCO data, a tiny CLIP, Inception weights and FID references."""
+    from pipeline.config import StorageConfig
+    from pipeline.storage import filesystem
+    from tests.test_tokenize_job import _tiny_clip
+    from enat.fid import FIDInception
+
+    import uuid
+    bucket = f"real-{uuid.uuid4().hex[:10]}"
+    storage = StorageConfig(endpoint_url=moto_endpoint)
+    fs, _ = filesystem(f"s3://{bucket}", storage)
+    fs.mkdir(bucket)
+    tmp = tmp_path_factory.mktemp("real")
+    imagenet = make_imagenet_like(tmp / "imagenet", train_per_class=2, val=3)
+    upload_dir(fs, imagenet.root, f"{bucket}/imagenet")
+    coco = tmp / "coco"
+    make_coco(coco, "train2014", n=6, seed=1)
+    make_coco(coco, "val2014", n=3, seed=2)
+    upload_dir(fs, coco, f"{bucket}/coco")
+    _tiny_clip(tmp / "clip")
+    upload_dir(fs, tmp / "clip", f"{bucket}/weights/clip")
+    buf = io.BytesIO()
+    layout = [(k, tuple(v.shape)) for k, v in FIDInception().state_dict().items()]
+    torch.save(fid_recipe_state_dict(layout, 0), buf)
+    fs.pipe_file(f"{bucket}/weights/inception.pt", buf.getvalue())
+    ref = io.BytesIO()
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    fs.pipe_file(f"{bucket}/weights/fid_stats.npz", ref.getvalue())
+    return {"bucket": bucket, "fs": fs, "storage": storage, "endpoint": moto_endpoint, "mlflow": mlflow_server,
+            "imagenet": imagenet, "url": lambda *p: "/".join([f"s3://{bucket}", *p])}
+
+
+def _names(prefix: str) -> list[str]:
+    return sorted(p.name for p in CONFIGS.glob(f"{prefix}*.yaml"))
+
+
+def test_every_config_has_a_stage():
+    names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+    staged = sorted(n for prefixes in STAGES.values() for p in prefixes for n in _names(p))
+    assert names == staged, f"configs no stage runs: {set(names) - set(staged)}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenize
+
+
+def _tokenize_overrides(world, name: str) -> list[str]:
+    cfg = _config(name)
+    res = 128 if cfg["image"]["resolution"] == 512 else 64     # the same f16 grid ratio, at CPU size
+    src = "coco" if cfg["source"]["kind"] == "coco" else "imagenet"
+    over = [f"source.root={world['url'](src)}", f"tokenize.out={world['url']('tokens', name[:-5])}",
+            f"storage.endpoint_url={world['endpoint']}", "tokenizer.weights=null", f"image.resolution={res}",
+            "tokenize.samples_per_shard=4", "tokenize.batch_size=4", "tokenize.encode_actors=1",
+            "tokenize.actor_num_gpus=0", "tokenize.progress=false"]
+    if cfg.get("text"):
+        over.append(f"text.weights={world['url']('weights', 'clip')}")
+    return over
+
+
+@pytest.fixture(scope="module")
+def tokenized(world):
+    out = {}
+    for name in _names("tokenize-"):
+        _run("tokenize", name, _tokenize_overrides(world, name))
+        fs = world["fs"]
+        ds = json.loads(fs.cat_file(f"{world['bucket']}/tokens/{name[:-5]}/dataset.json"))
+        out[name] = (world["url"]("tokens", name[:-5]), ds)
+    return out
+
+
+def test_tokenize_configs(tokenized, world):
+    for name, (root, ds) in tokenized.items():
+        cfg = _config(name)
+        assert ds["tokenizer"]["kind"] == cfg["tokenizer"]["kind"] == "vqgan"
+        grid = (128 if cfg["image"]["resolution"] == 512 else 64) // 16
+        assert ds["seq_len"] == grid * grid and ds["codebook_size"] == 1024
+        for split in cfg["source"]["splits"]:
+            assert ds["splits"][split]["samples"] > 0, (name, split)
+            assert ds["splits"][split]["flips"] == split.startswith("train"), (name, split)  # flips: train
+        if cfg["source"]["kind"] == "imagefolder":
+            # the flat val/ took the train split's class indices from LOC_val_solution.csv
+            assert ds["classes"] == world["imagenet"].classes
+        else:
+            assert ds["text"]["dim"] == 32 and ds["source"]["crop"] == "uvit"
+
+
+# ---------------------------------------------------------------------------------------------------
+# train
+
+
+def _tokens_for(train_cfg: dict, tokenized: dict) -> str:
+    """The test's copy of the tokens the train config reads: the tokenize config writing the same URL."""
+    want = train_cfg["data"]["root"].rstrip("/")
+    for name, (root, _) in tokenized.items():
+        if _config(name)["tokenize"]["out"].rstrip("/") == want:
+            return root
+    raise AssertionError(f"no tokenize config writes {want}")
+
+
+@pytest.fixture(scope="module")
+def trained(world, tokenized):
+    out = {}
+    for name in _names("train-"):
+        cfg = _config(name)
+        root = _tokens_for(cfg, tokenized)
+        over = [f"data.root={root}", f"storage.endpoint_url={world['endpoint']}", *TINY_MODEL,
+                "train.global_batch=4", "train.steps=2", "train.log_every=1", "scaling.num_workers=1",
+                "scaling.use_gpu=false", "scaling.cpus_per_worker=1", "scaling.max_failures=0",
+                f"checkpoint.uri={world['url']('ckpt')}", "checkpoint.every=2",
+                f"mlflow.tracking_uri={world['mlflow']}", "mlflow.system_metrics=false"]
+        if cfg["data"].get("kind") == "stream":
+            over += ["data.batches_per_epoch=2", "data.num_workers=1", "data.shuffle_buffer=4"]
+        result = _run("train", name, over)
+        assert result.error is None, (name, result.error)
+        out[name] = (cfg["train"]["run_name"], world["url"]("ckpt", cfg["train"]["run_name"], "step_000000002"))
+    return out
+
+
+def test_train_configs(trained, world):
+    import mlflow
+    client = mlflow.MlflowClient(world["mlflow"])
+    for name, (run_name, ckpt) in trained.items():
+        cfg = _config(name)
+        exp = client.get_experiment_by_name(cfg["mlflow"]["experiment"])
+        run = client.search_runs([exp.experiment_id], f"tags.enat_run_name = '{run_name}'")[0]
+        p = run.data.params
+        # what the config names is what ran
+        assert p["deepspeed.precision"] == cfg["deepspeed"]["precision"] == "bf16"
+        assert p["deepspeed.zero_stage"] == str(cfg["deepspeed"]["zero_stage"])
+        assert p["model.preset"] == cfg["model"]["preset"]
+        assert float(p["data.p_uncond"]) == cfg["data"]["p_uncond"] and p["data.flip"] == cfg["data"]["flip"]
+        assert float(p["optim.lr"]) == cfg["optim"]["lr"] and p["train.ema_rate"] == str(cfg["train"]["ema_rate"])
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2] and all(np.isfinite(m.value) for m in history)
+        assert world["fs"].exists(ckpt.replace("s3://", "") + "/ema.pt"), ckpt
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample
+
+
+@pytest.fixture(scope="module")
+def sampled(world, trained):
+    out = {}
+    for name in _names("sample-"):
+        cfg = _config(name)
+        run_name = cfg["model"]["checkpoint"].split("/")[-3]          # …/<run>/step_…/ema.pt
+        train_name = next(n for n, (r, _) in trained.items() if r == run_name)
+        over = [f"model.checkpoint={trained[train_name][1]}/ema.pt", f"storage.endpoint_url={world['endpoint']}",
+                "tokenizer.weights=null", f"inception.weights={world['url']('weights', 'inception.pt')}",
+                f"fid.reference={world['url']('weights', 'fid_stats.npz')}",
+                f"output.uri={world['url']('samples', name[:-5])}", "plan.num_samples=6", "plan.unit_size=3",
+                "plan.batch_size=3", "output.grid=6", "compute.actors=1", "compute.actor_num_gpus=0",
+                "compute.actor_num_cpus=1", "compute.png_threads=1", "compute.progress=false",
+                f"mlflow.tracking_uri={world['mlflow']}"]
+        out[name] = _run("sample", name, over)
+    return out
+
+
+def test_sample_configs(sampled, world):
+    for name, summary in sampled.items():
+        cfg = _config(name)
+        assert summary["num_samples"] == 6, summary
+        assert np.isfinite(summary["fid"]) and np.isfinite(summary["is"]), summary
+        plan = json.loads(world["fs"].cat_file(f"{world['bucket']}/samples/{name[:-5]}/plan.json"))
+        sampler = plan["config"]["sampler"]
+        assert sampler["preset"] == cfg["sampler"]["preset"] and sampler["dtype"] == cfg["sampler"]["dtype"]
+        assert plan["config"]["compute"]["decode_dtype"] == cfg["compute"]["decode_dtype"]
+
+
+def test_overrides_only_change_sizes_and_locations(sampled):
+    """Runs last: every override the stages above used is a size or a location."""
+    assert set(_RUNS) == {p.name for p in CONFIGS.glob("*.yaml")}
+    for name, overrides in _RUNS.items():
+        keys = {o.split("=", 1)[0] for o in overrides}
+        assert keys <= SIZE_KEYS | LOCATION_KEYS, (name, keys - SIZE_KEYS - LOCATION_KEYS)
