@@ -2,17 +2,19 @@
 
 enat-facts §5: mask ratio r ~ Beta(12, 3), one draw per batch, #masked = round(L r) clamped to
 [1, L-1], positions from a random permutation per sample; cross-entropy with label smoothing 0.1 on the
-masked tokens only; the label embedder's extra 10% label drop in train mode (on top of the dataset's
-p_uncond 0.15, which the data readers apply); and reuse training: with probability 0.5 per batch a
-random fraction of the visible tokens is re-masked, the EMA model encodes that more-masked input without
-gradient, and the model is trained to use those features (`prev`).
+masked tokens only; for class labels the label embedder's extra 10% label drop in train mode (on top
+of the dataset's p_uncond 0.15, which the data readers apply; text captions are dropped once, by the
+reader); and reuse training: with probability 0.5 per batch a random fraction of the visible tokens is
+re-masked, the EMA model encodes that more-masked input without gradient, and the model is trained to
+use those features (`prev`).
 
-All randomness comes from one `torch.Generator` (deterministic under a seed).
+All randomness comes from one `torch.Generator` (deterministic under a seed), which must live on the
+device of the tokens (`torch.Generator(tokens.device)`): every draw is made on that device.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ class ObjectiveConfig:
     mask_beta: tuple[float, float] = (12.0, 3.0)
     label_smoothing: float = 0.1
     reuse_prob: float = 0.5
-    class_dropout: float = 0.1       # LabelEmbedder dropout_prob (train mode, online model only)
+    class_dropout: float = 0.1       # LabelEmbedder dropout_prob (train mode, online model, class labels only)
     ema_for_cond: bool = True        # reuse features from the EMA model (official default --ema_for_cond 1)
     # differs from official when True: one mask ratio per *sample* instead of per batch. The model's
     # padded path handles the unequal counts; the official rearranger requires equal counts.
@@ -45,6 +47,11 @@ class ObjectiveConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same device type and index (an unset index means the current device)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _rand(shape, generator: Optional[torch.Generator], device) -> Tensor:
@@ -120,6 +127,9 @@ def lsimple(model: ENAT, tokens: Tensor, cond: Tensor, ema_model: Optional[ENAT]
     forces the reuse branch on/off instead of the coin flip.
     """
     net: ENAT = getattr(model, "module", model)        # a DeepSpeed engine wraps the ENAT
+    if generator is not None and not _same_device(generator.device, tokens.device):
+        raise ValueError(f"lsimple: the generator is on {generator.device} but the tokens are on "
+                         f"{tokens.device}; make it with torch.Generator({str(tokens.device)!r})")
     mask_id = net.config.mask_id
     masked_ids, labels, _ = mask_tokens(tokens, mask_id, config, generator)
     coin = _rand((1,), generator, tokens.device)
@@ -135,8 +145,12 @@ def lsimple(model: ENAT, tokens: Tensor, cond: Tensor, ema_model: Optional[ENAT]
                 feat_net.eval()                     # as official: the EMA model runs in eval mode
             prev = feat_net(prev_ids, cond).state
             feat_net.train(training)
-    # the embedder's extra label drop applies to the online model only (the EMA runs in eval mode)
-    cond_online = drop_labels(net, cond, config.class_dropout, generator) if net.training else cond
+    # as official: the embedder's extra label drop applies to the online model only (the EMA runs in
+    # eval mode), on top of the reader's p_uncond (0.15 + 0.1 -> 0.235 null labels). Text models have
+    # no label embedder: U-ViT drops the caption once, in the dataset (p_uncond 0.1, enat-facts §10),
+    # so the reader's p_uncond is the only caption drop.
+    drop_here = net.training and not net.config.text_conditioned
+    cond_online = drop_labels(net, cond, config.class_dropout, generator) if drop_here else cond
     # logits for the masked tokens only (the loss ignores visible positions; official computes all L);
     # through model.__call__ so wrappers' forward hooks (DeepSpeed ZeRO-3) see the whole computation
     out = model(masked_ids, cond_online, prev=prev, masked_only=True)
@@ -166,6 +180,14 @@ def ema_update(ema_model: nn.Module, model: nn.Module, rate: float) -> None:
     torch._foreach_add_(dst, srcs, alpha=1 - rate)
 
 
-def warmup_constant(warmup_steps: int):
-    """Official LR schedule multiplier: min(step / warmup, 1) (linear warmup, then constant)."""
-    return lambda step: min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    """The official LR multiplier for a `LambdaLR` stepped once after every update (`sched.step()`).
+
+    as official (train.py): `LambdaLR(min(step / warmup, 1))` is stepped after `optimizer.step()` with
+    the pre-increment step, `lr_scheduler.step(train_state.step)`, so update k (1-based) runs at
+    min(max(k - 2, 0) / warmup, 1): the first two updates at lr 0. A LambdaLR stepped without an
+    argument evaluates its lambda at k - 1 for update k, hence the shift by one here. enat-facts §5.
+    """
+    if warmup_steps <= 0:
+        return lambda k: 1.0
+    return lambda k: min(max(k - 1, 0) / warmup_steps, 1.0)

@@ -22,12 +22,12 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 
 import enat
-from enat.objective import ObjectiveConfig
+from enat.objective import ObjectiveConfig, warmup_constant
 from pipeline import storage
 from pipeline.config import RayConfig, ReaderConfig, StorageConfig, config_to_dict
 
@@ -95,6 +95,10 @@ class DeepSpeedSection:
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise ValueError(f"micro_batch: must be >= 1, got {self.micro_batch}")
+        if self.precision == "fp16" and self.zero_stage == 0:
+            raise ValueError("deepspeed.zero_stage: fp16 needs ZeRO stage >= 1 (the EMA follows DeepSpeed's "
+                             "fp32 master weights, which its stage-0 fp16 optimizer does not expose); "
+                             "set deepspeed.zero_stage=1")
 
 
 @dataclass(frozen=True)
@@ -209,12 +213,6 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def official_lr_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """As official: `LambdaLR(min(step / warmup, 1))` stepped with the pre-increment step *after* each
-    update, so update k runs at min(max(k - 1, 0) / warmup, 1) (the first two updates at lr 0)."""
-    return lambda k: 1.0 if warmup_steps <= 0 else min(max(k - 1, 0) / warmup_steps, 1.0)
-
-
 def model_config(cfg: TrainJobConfig, dataset: dict) -> enat.ENATConfig:
     """The preset with overrides, sized to the token dataset (grid, codebook, classes, text)."""
     base = enat.ENATConfig.preset(cfg.model.preset)
@@ -307,8 +305,48 @@ class LocalContext:
 # ----------------------------------------------------------------------------------------------------
 
 
+def generators(seed: int, rank: int, device: torch.device | str) -> tuple[torch.Generator, torch.Generator]:
+    """-> (the objective's generator on `device`, per rank; the reuse coin's generator, the same on
+    every rank). The objective draws masks on the tokens' device, so its generator lives there; the
+    coin decides a Python branch, so it is drawn on the CPU (no host sync in the step loop)."""
+    gen = torch.Generator(device).manual_seed(seed * 1000 + rank)
+    shared = torch.Generator("cpu").manual_seed(seed)
+    return gen, shared
+
+
 def _rng_state(gen: torch.Generator, shared: torch.Generator) -> dict:
-    return {"objective": gen.get_state(), "shared": shared.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state a resume restores (a CUDA generator's state is a CPU ByteTensor too)."""
+    state = {"objective": gen.get_state(), "shared": shared.get_state(), "torch": torch.get_rng_state()}
+    if gen.device.type == "cuda":   # dropout draws from the device's default generator
+        state["cuda"] = torch.cuda.get_rng_state(gen.device)
+    return state
+
+
+def _set_rng_state(gen: torch.Generator, state: dict) -> None:
+    try:
+        gen.set_state(state["objective"])
+    except RuntimeError as e:
+        raise RuntimeError(f"resume: the checkpoint's objective RNG state does not fit a generator on "
+                           f"{gen.device} (trained on another device type?): {e}") from e
+    torch.set_rng_state(state["torch"])
+    if gen.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], gen.device)
+
+
+def _with_position(reader) -> Iterator[tuple[dict, tuple[int, int]]]:
+    """One epoch of `reader`'s batches, each with the data position after it: (epoch, micro-batch) of
+    the next batch, and (epoch + 1, 0) after an epoch's last batch, so a resume from a checkpoint
+    taken there starts the next epoch instead of replaying this one (a stream's length is known only
+    when it ends: the next batch is fetched before the current one is handed out)."""
+    it = iter(reader)
+    batch = next(it, None)
+    while batch is not None:
+        pos = (reader.epoch, reader.step)
+        nxt = next(it, None)
+        if nxt is None:                       # the reader moved on to (epoch + 1, 0)
+            pos = (reader.epoch, reader.step)
+        yield batch, pos
+        batch = nxt
 
 
 def _flops_per_image(mcfg: enat.ENATConfig) -> float:
@@ -356,7 +394,7 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
         ema.set_null_text(empty)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, official_lr_lambda(cfg.optim.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(cfg.optim.warmup_steps))
     if cfg.deepspeed.zero_stage == 3:
         # the head reads the tied word embeddings and its bias outside their modules' forward
         deepspeed.zero.register_external_parameter(model, model.x_embedder.word_embeddings.weight)
@@ -364,22 +402,26 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg))
     ema.to(device)
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)      # masks: per rank
-    shared_gen = torch.Generator().manual_seed(cfg.train.seed)              # reuse coin: same on all ranks
+    # as official (`ema_update(0)`): the EMA starts as a copy of the trained weights, here DeepSpeed's
+    # fp32 masters (with bf16/fp16 they are the rounded initial weights)
+    _ema_update(engine, ema, 0.0)
+    gen, shared_gen = generators(cfg.train.seed, rank, device)
 
-    step, epoch, epoch_step, run_id = 0, 0, 0, None
+    # data position: (epoch, micro-batches of this rank into it) of the next batch
+    step, epoch, epoch_batch, run_id = 0, 0, 0, None
     restore_dir = ctx.restore()
     if restore_dir is not None:
         _, client = engine.load_checkpoint(restore_dir, tag="ckpt")
         ema.load_state_dict(torch.load(os.path.join(restore_dir, "ema.pt"), map_location=device))
-        step, epoch, epoch_step = client["step"], client["epoch"], client["epoch_step"]
+        step, epoch = client["step"], client["epoch"]
+        # checkpoints written before "epoch_batch" recorded optimizer steps into the epoch
+        epoch_batch = client["epoch_batch"] if "epoch_batch" in client else client["epoch_step"] * accum
         run_id = client.get("mlflow_run_id")
         if rank < len(client["rng"]):
-            gen.set_state(client["rng"][rank]["objective"])
-            torch.set_rng_state(client["rng"][rank]["torch"])
+            _set_rng_state(gen, client["rng"][rank])
         shared_gen.set_state(client["rng"][0]["shared"])
         if rank == 0:
-            print(f"[train] resumed from step {step} (epoch {epoch}, batch {epoch_step})", flush=True)
+            print(f"[train] resumed from step {step} (epoch {epoch}, batch {epoch_batch})", flush=True)
 
     tracker = None
     if rank == 0:
@@ -389,12 +431,12 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
                             "deepspeed_config": deepspeed_config(cfg)})
     # each rank reads its own slice; (epoch, batch) is the whole data position, so resume is exact
     reader = make_reader(replace(cfg.data, batch_size=micro), rank=rank, world_size=world,
-                         storage_cfg=cfg.storage, epoch=epoch, step=epoch_step * accum)
+                         storage_cfg=cfg.storage, epoch=epoch, step=epoch_batch)
     flops_img = _flops_per_image(mcfg)
     t_last, imgs_since, losses = time.time(), 0, []
     ckpt_name, micro_i = None, 0
     while step < cfg.train.steps:
-        for batch in reader:
+        for batch, position in _with_position(reader):
             tokens = batch["tokens"].to(device, non_blocking=True)
             cond = batch["context"].to(device) if mcfg.text_conditioned else batch["label"].to(device)
             engine.train()
@@ -411,8 +453,8 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
             if micro_i % accum:
                 continue
             step += 1
-            epoch, epoch_step = reader.epoch, reader.step // accum
-            _ema_update(engine, ema, cfg.train.ema_rate, cfg.deepspeed.zero_stage)
+            epoch, epoch_batch = position
+            _ema_update(engine, ema, cfg.train.ema_rate)
             last = step >= cfg.train.steps
             if step % cfg.train.log_every == 0 or last:
                 dt = time.time() - t_last
@@ -440,7 +482,7 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
                 _log_grid(tracker, ema, mcfg, cfg, dataset, step)
             if step % cfg.checkpoint.every == 0 or last:
                 ckpt_name = f"step_{step:09d}"
-                _save(engine, ema, ctx, cfg, mcfg, step, epoch, epoch_step, (gen, shared_gen), run_id, ckpt_name,
+                _save(engine, ema, ctx, cfg, mcfg, step, epoch, epoch_batch, (gen, shared_gen), run_id, ckpt_name,
                       {"step": step})
             if last:
                 break
@@ -460,19 +502,30 @@ def _empty_context(cfg: TrainJobConfig, dataset: dict) -> torch.Tensor:
     return torch.from_numpy(np.load(io.BytesIO(fs.cat_file(path))).astype("float32"))
 
 
-def _ema_update(engine, ema: enat.ENAT, rate: float, zero_stage: int) -> None:
-    """EMA as a plain module on every rank (DeepSpeed has none); under ZeRO-3 gather the weights first.
-    With bf16/fp16 engines the module holds low-precision weights; the EMA stays float32."""
-    params = list(engine.module.parameters())
-    if zero_stage == 3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(params):
-            enat.ema_update(ema, engine.module, rate)
-    else:
-        enat.ema_update(ema, engine.module, rate)
+@torch.no_grad()
+def _ema_update(engine, ema: enat.ENAT, rate: float) -> None:
+    """p_ema = rate * p_ema + (1 - rate) * p (official utils.ema) with p DeepSpeed's fp32 master weight.
+
+    The EMA is a plain float32 module on every rank (DeepSpeed has none; the reuse branch needs its full
+    weights). With bf16/fp16 the engine's module holds rounded copies; the official EMA reads the fp32
+    weights, so this reads the masters, gathered from their ZeRO-1/2/3 partitions (a collective: every
+    rank calls it, parameter by parameter, one full tensor at a time). fp32 engines without separate
+    masters (stage 0) train the module's weights themselves.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+    src = dict(engine.module.named_parameters())
+    for name, p_ema in ema.named_parameters():
+        p = src[name]
+        master = safe_get_full_fp32_param(p)
+        if master is None:
+            if p.dtype != torch.float32:
+                raise RuntimeError(f"EMA: DeepSpeed keeps no fp32 master weight for {name} ({p.dtype}); "
+                                   "train with deepspeed.zero_stage >= 1")
+            master = p
+        p_ema.mul_(rate).add_(master.to(p_ema.device).reshape(p_ema.shape), alpha=1 - rate)
 
 
-def _save(engine, ema, ctx, cfg: TrainJobConfig, mcfg, step, epoch, epoch_step, gens, run_id, name, metrics) -> None:
+def _save(engine, ema, ctx, cfg: TrainJobConfig, mcfg, step, epoch, epoch_batch, gens, run_id, name, metrics) -> None:
     """Every rank: DeepSpeed checkpoint into a fresh local dir, then report it (Ray merges the ranks' files)."""
     import torch.distributed as dist
     rngs = [None] * ctx.world_size
@@ -481,7 +534,7 @@ def _save(engine, ema, ctx, cfg: TrainJobConfig, mcfg, step, epoch, epoch_step, 
     else:
         rngs = [_rng_state(*gens)]
     d = tempfile.mkdtemp(prefix=f"enat-{name}-")
-    client = {"step": step, "epoch": epoch, "epoch_step": epoch_step, "rng": rngs, "mlflow_run_id": run_id}
+    client = {"step": step, "epoch": epoch, "epoch_batch": epoch_batch, "rng": rngs, "mlflow_run_id": run_id}
     engine.save_checkpoint(d, tag="ckpt", client_state=client)
     if ctx.rank == 0:
         torch.save(ema.state_dict(), os.path.join(d, "ema.pt"))

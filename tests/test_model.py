@@ -159,6 +159,33 @@ def test_presets_parameter_counts():
         enat.ENATConfig.preset("enat-xxl")
 
 
+def test_enat_b_coco_has_the_papers_116m_parameters():
+    """Table 5: the COCO ENAT-B has 116M parameters (its shape is our choice: see the preset)."""
+    cfg = enat.ENATConfig.preset("enat-b-coco")
+    assert cfg.text_conditioned and (cfg.text_len, cfg.text_dim, cfg.dim) == (77, 768, 768)
+    with torch.device("meta"):
+        n = enat.ENAT(cfg).num_parameters()
+    assert abs(n - 116e6) <= 0.02 * 116e6, n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_prev_features_feed_a_low_precision_model(dtype):
+    """Training reuse: the float32 EMA's features enter a bf16/fp16 (DeepSpeed) model."""
+    cfg = tiny_config()
+    ema = random_model(cfg, seed=1)
+    m = random_model(cfg, seed=2).to(dtype)
+    ids = torch.randint(0, cfg.codebook_size, (2, cfg.seq_len))
+    prev_ids = ids.clone()
+    ids[:, 8:] = cfg.mask_id
+    prev_ids[:, 4:] = cfg.mask_id
+    y = torch.tensor([1, 2])
+    prev = ema(prev_ids, y).state                                   # float32 features
+    out = m(ids, y, prev=prev)
+    assert out.logits.dtype == dtype and torch.isfinite(out.logits.float()).all()
+    cast = m(ids, y, prev=prev._replace(feat=prev.feat.to(dtype)))
+    assert torch.equal(out.logits, cast.logits)
+
+
 def test_enat_s_as_printed_runs():
     cfg = enat.ENATConfig(encoder_depth=15, decoder_depth=1, dim=366, num_heads=6)
     with torch.device("meta"):

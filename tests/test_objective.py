@@ -129,15 +129,69 @@ def test_label_drop_rate_train_only():
     assert set(dropped.unique().tolist()) == {0, cfg.null_class}
 
 
-def test_ema_update_formula_and_warmup():
+def test_ema_update_formula():
     a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
     expect = {n: 0.9 * p.detach().clone() + 0.1 * dict(b.named_parameters())[n].detach()
               for n, p in a.named_parameters()}
     ema_update(a, b, 0.9)
     for n, p in a.named_parameters():
         assert torch.allclose(p, expect[n])
-    f = warmup_constant(5000)
-    assert f(0) == 0 and f(2500) == 0.5 and f(5000) == 1 and f(10 ** 6) == 1
+
+
+def _lrs(sched_step, warmup: int, n: int, lr_lambda) -> list[float]:
+    """The lr each of n updates runs at, with `sched_step(sched, k)` called after update k (0-based)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=4e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    out = []
+    for k in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched_step(sched, k)
+    return out
+
+
+def test_warmup_matches_the_official_schedule():
+    """Official train.py: LambdaLR(min(step / 5000, 1)), `lr_scheduler.step(train_state.step)` after
+    optimizer.step with the pre-increment step. Ours is stepped plainly (as DeepSpeed does)."""
+    import warnings
+    W = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # LambdaLR.step(epoch) is deprecated, but official
+        official = _lrs(lambda s, k: s.step(k), W, 12, lambda step: min(step / W, 1))
+    ours = _lrs(lambda s, k: s.step(), W, 12, warmup_constant(W))
+    assert official[:3] == [0.0, 0.0, 4e-4 / W]                      # the first two updates at lr 0
+    assert ours == pytest.approx(official, abs=1e-15)
+    assert warmup_constant(0)(0) == 1.0
+
+
+def test_text_captions_are_dropped_once_by_the_reader_only():
+    """U-ViT drops the caption once (p_uncond 0.1 in the dataset); for text models the objective must
+    not drop again. Class labels keep the official second drop (LabelEmbedder, train mode)."""
+    def seen_conds(cfg, cond):
+        m = random_model(cfg).train()
+        if cfg.text_conditioned:
+            m.set_null_text(torch.zeros(cfg.text_len, cfg.text_dim))
+        got = []
+        m.register_forward_pre_hook(lambda mod, args, kw: got.append(args[1]), with_kwargs=True)
+        tokens = torch.randint(0, cfg.codebook_size, (cond.shape[0], cfg.seq_len))
+        lsimple(m, tokens, cond, config=ObjectiveConfig(class_dropout=0.1),
+                generator=torch.Generator().manual_seed(0), reuse=False)
+        return m, got[-1]
+    tcfg = tiny_config(text_dim=6, text_len=3)
+    text = torch.rand(400, 3, 6) + 1                                  # no caption is the empty one
+    m, seen = seen_conds(tcfg, text)
+    assert torch.equal(seen, text)                                    # not one caption dropped here
+    m, seen = seen_conds(tiny_config(), torch.zeros(400, dtype=torch.long))
+    rate = (seen == m.config.null_class).float().mean().item()
+    assert 0.06 < rate < 0.14, rate                                   # the embedder's 10%
+
+
+def test_generator_on_another_device_is_named():
+    cfg = tiny_config()
+    m = random_model(cfg)
+    tokens = torch.randint(0, cfg.codebook_size, (2, cfg.seq_len), device="meta")
+    with pytest.raises(ValueError, match="generator is on cpu but the tokens are on meta"):
+        lsimple(m, tokens, torch.tensor([1, 2]), generator=torch.Generator())
 
 
 def test_tiny_model_learns():
