@@ -347,8 +347,9 @@ class SourceConfig:
     # Paths without a scheme that do not start with "/" are relative to root.
     labels: dict[str, str] = field(default_factory=dict)  # split → label file of a flat split (see above)
     # the devkit's synset list in ILSVRC2012_ID order (NOT the sorted-wnid order of the labels):
-    # ILSVRC2012_devkit_t12/data/meta.mat, or a text file with one wnid per line in that order
-    synsets: Optional[str] = location(None)  # needed by a ground_truth.txt label file (see above)
+    # ILSVRC2012_devkit_t12/data/meta.mat, or a text file with one wnid per line in that order;
+    # relative to root like `labels` (so not a driver-resolved location)
+    synsets: Optional[str] = None  # needed by a ground_truth.txt label file (see above)
     # center crop: adm = ADM's BOX-halving + BICUBIC crop (official ENAT / ImageNet); uvit = U-ViT's
     # crop to the short side + Lanczos resize (the pipeline of fid_stats_mscoco256_val.npz); auto:
     # uvit for kind=coco, adm otherwise

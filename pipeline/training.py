@@ -29,7 +29,7 @@ import torch
 import enat
 from enat.objective import ObjectiveConfig, warmup_constant
 from pipeline import storage
-from pipeline.config import RayConfig, ReaderConfig, StorageConfig, config_to_dict
+from pipeline.config import RayConfig, ReaderConfig, StorageConfig, config_to_dict, location
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -115,14 +115,14 @@ class ScalingSection:
 
 @dataclass(frozen=True)
 class CheckpointSection:
-    uri: str = "runs/checkpoints"       # storage URL (s3://..., file://..., a path); run_name is appended
+    uri: str = location("runs/checkpoints")       # storage URL (s3://..., file://..., a path); run_name is appended
     every: int = 1000                   # steps; also one at the end
     keep_last: int = 3
 
 
 @dataclass(frozen=True)
 class MLflowSection:
-    tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else a local sqlite store
+    tracking_uri: Optional[str] = location(None)  # default: $MLFLOW_TRACKING_URI, else a local sqlite store
     experiment: str = "enat"
     system_metrics: bool = True
     grid_every: int = 0                 # steps between sample grids (0: only at the end)
@@ -512,6 +512,11 @@ def _ema_update(engine, ema: enat.ENAT, rate: float) -> None:
     rank calls it, parameter by parameter, one full tensor at a time). fp32 engines without separate
     masters (stage 0) train the module's weights themselves.
     """
+    if engine.zero_optimization_stage() < 3 and all(p.dtype == torch.float32 for p in engine.module.parameters()):
+        # fp32 under ZeRO-0/1/2: the module's weights are the masters (DeepSpeed copies the updated fp32
+        # partitions back into them), so read them in place: exact, and no gather per parameter
+        enat.ema_update(ema, engine.module, rate)
+        return
     from deepspeed.utils import safe_get_full_fp32_param
     src = dict(engine.module.named_parameters())
     for name, p_ema in ema.named_parameters():

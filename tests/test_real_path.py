@@ -36,7 +36,7 @@ SIZE_KEYS = {
     "checkpoint.every", "mlflow.system_metrics", "data.batches_per_epoch", "data.num_workers",
     "data.shuffle_buffer", "plan.num_samples", "plan.unit_size", "plan.batch_size", "output.grid",
     "compute.actors", "compute.actor_num_gpus", "compute.actor_num_cpus", "compute.png_threads",
-    "compute.progress", "inception.batch_size",
+    "compute.progress", "inception.batch_size", "fid.is_splits",
 }
 LOCATION_KEYS = {
     "source.root", "tokenize.out", "tokenizer.weights", "text.weights", "storage.endpoint_url", "data.root",
@@ -215,7 +215,7 @@ def sampled(world, trained):
                 "tokenizer.weights=null", f"inception.weights={world['url']('weights', 'inception.pt')}",
                 f"fid.reference={world['url']('weights', 'fid_stats.npz')}",
                 f"output.uri={world['url']('samples', name[:-5])}", "plan.num_samples=6", "plan.unit_size=3",
-                "plan.batch_size=3", "output.grid=6", "compute.actors=1", "compute.actor_num_gpus=0",
+                "plan.batch_size=3", "fid.is_splits=2", "output.grid=6", "compute.actors=1", "compute.actor_num_gpus=0",
                 "compute.actor_num_cpus=1", "compute.png_threads=1", "compute.progress=false",
                 f"mlflow.tracking_uri={world['mlflow']}"]
         out[name] = _run("sample", name, over)

@@ -1,4 +1,4 @@
-"""bf16 training with reuse under ZeRO-1/2/3 through the real train loop (`pipeline.training.train_loop`,
+"""bf16 (and fp32) training with reuse under ZeRO-1/2/3 through the real train loop (`pipeline.training.train_loop`,
 the torchrun path, in-process with a world of 1), the EMA against DeepSpeed's fp32 master weights, the
 recorded data position at an epoch's end, and where the generators live.
 
@@ -42,8 +42,8 @@ def _position(ckpt_dir) -> tuple[int, int]:
     return state["epoch"], state["epoch_batch"]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_bf16_reuse_trains_and_ema_follows_fp32_masters(stage, tmp_path, shapes_root, torchrun_env,
+@pytest.mark.parametrize("precision,stage", [("bf16", 1), ("bf16", 2), ("bf16", 3), ("fp32", 1)])
+def test_reuse_trains_and_ema_follows_fp32_masters(precision, stage, tmp_path, shapes_root, torchrun_env,
                                                         mlflow_server):
     import mlflow
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -51,10 +51,10 @@ def test_bf16_reuse_trains_and_ema_follows_fp32_masters(stage, tmp_path, shapes_
     from pipeline.config import config_to_dict, load_config
     from pipeline.training import TrainJobConfig, train_loop
 
-    run = f"bf16-zero{stage}"
+    run = f"{precision}-zero{stage}"
     cfg = load_config(TrainJobConfig, {"data": {"root": shapes_root}}, [
         "model.preset=enat-s", "model.encoder_depth=1", "model.decoder_depth=1", "model.dim=16",
-        "model.num_heads=2", "deepspeed.precision=bf16", f"deepspeed.zero_stage={stage}",
+        "model.num_heads=2", f"deepspeed.precision={precision}", f"deepspeed.zero_stage={stage}",
         "objective.reuse_prob=1.0", f"optim.lr={LR}", f"optim.warmup_steps={WARMUP}", "train.global_batch=100",
         f"train.steps={STEPS}", f"train.ema_rate={EMA_RATE}", "train.log_every=1", f"train.run_name={run}",
         "checkpoint.every=1", "checkpoint.keep_last=0", f"checkpoint.uri={tmp_path / 'ckpt'}",
@@ -74,6 +74,7 @@ def test_bf16_reuse_trains_and_ema_follows_fp32_masters(stage, tmp_path, shapes_
     assert "samples/grid.png" in [a.path for a in client.list_artifacts(mrun.info.run_id, "samples")]
 
     # EMA_k = r EMA_{k-1} + (1 - r) master_k, with master_k DeepSpeed's fp32 weights after update k
+    # (fp32 under ZeRO-1 reads the module's weights in place: they must equal the masters too)
     root = tmp_path / "ckpt" / run
     emas, masters = {}, {}
     for k in range(1, STEPS + 1):

@@ -50,11 +50,10 @@ def test_tokenize_train_sample_on_two_nodes(two_node_ray, s3_bucket, mlflow_serv
                                    f"tokenizer.weights={b.url('weights/patch.pt')}", f"tokenize.out={b.url('tok')}",
                                    "tokenize.samples_per_shard=6", "tokenize.encode_actors=2",
                                    "tokenize.actor_num_cpus=2", "tokenize.progress=false"], driver, env)
-    # differs from the infra configs: fp32 (bf16 training is being fixed in a parallel change)
     _job("jobs.train", store + [f"data.root={b.url('tok')}", "model.preset=enat-s", "model.encoder_depth=1",
                                 "model.decoder_depth=1", "model.dim=32", "model.num_heads=2", "optim.warmup_steps=1",
                                 "train.global_batch=8", "train.steps=2", "train.log_every=1", "train.run_name=two",
-                                "deepspeed.precision=fp32", "deepspeed.zero_stage=1", "scaling.num_workers=2",
+                                "deepspeed.zero_stage=1", "scaling.num_workers=2",
                                 "scaling.cpus_per_worker=2", "scaling.max_failures=0", "checkpoint.every=2",
                                 f"checkpoint.uri={b.url('ckpt')}", f"mlflow.tracking_uri={mlflow_server}",
                                 "mlflow.experiment=two-nodes", "mlflow.system_metrics=false"], driver, env)
