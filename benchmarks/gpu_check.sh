@@ -117,7 +117,7 @@ stage() {
 
 if [[ $SMOKE == 1 ]]; then
   # ENAT_TEST_DEVICE=cpu: the suite's conftest runs the `gpu` tests on the CPU instead of skipping them
-  ENAT_TEST_DEVICE=cpu stage "gpu tests" 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
+  ENAT_TEST_DEVICE=cpu stage "gpu tests" 120 "$PY" -m pytest -q -o addopts= -p no:cacheprovider -m gpu \
     tests/test_gpu.py -k vqgan
   stage "sampling vs official" 60 "$PY" benchmarks/vs_official.py --tiny "${OFF_ARGS[@]}"
   stage "VQGAN" 60 "$PY" benchmarks/vqgan_speed.py --tiny --repeats 1 "${OFF_ARGS[@]}"
@@ -125,7 +125,7 @@ if [[ $SMOKE == 1 ]]; then
   stage "training step" 60 "$PY" benchmarks/train_throughput.py --tiny --repeat 1 --no-deepspeed "${OFF_ARGS[@]}"
 else
   # budget (8 min in all): 150 + 100 + 40 + 50 + 90 = 430 s at most, plus installs and start-up
-  stage "gpu tests" 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+  stage "gpu tests" 150 "$PY" -m pytest -q -o addopts= -p no:cacheprovider -m gpu tests/test_gpu.py
   stage "sampling vs official" 100 "$PY" benchmarks/vs_official.py --device "$DEVICE" --preset enat-l \
     --batch 250 --repeat 3 "${OFF_ARGS[@]}"
   stage "VQGAN" 40 "$PY" benchmarks/vqgan_speed.py --device "$DEVICE" --batch 125 --repeats 3 \

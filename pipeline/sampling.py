@@ -585,6 +585,19 @@ def load_model(cfg: SampleJobConfig, mcfg: enat.ENATConfig) -> tuple[enat.ENAT, 
     return model.eval(), _sha(data)
 
 
+def _device_dtype(dtype: Optional[torch.dtype], device: torch.device, field: str) -> Optional[torch.dtype]:
+    """`dtype` for autocast on `device`; float16 on a CPU without oneDNN fp16 kernels runs float32 instead.
+
+    There torch runs fp16 convolutions through its reference kernels, ~20x slower than float32 (measured
+    on the CI machine for the VQGAN decoder); the GPU configs ask for fp16 (the official eval decodes
+    under fp16 autocast) and still run when a CPU actor picks them up.
+    """
+    if dtype == torch.float16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        print(f"[sample] {field}=float16: this CPU has no fp16 kernels; running float32 instead", flush=True)
+        return None
+    return dtype
+
+
 def _decode(tok: Any, codes: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     """codes (B, h, w) → float32 images (B, 3, H, W) in [0, 1], the decoder under autocast(dtype)."""
     if dtype is None:
@@ -668,7 +681,8 @@ class UnitRunner:
         self.text_encoder = text_encoder
         self.batch_size, self.is_total, self.is_splits = batch_size, is_total, is_splits
         self.is_shuffle_seed = is_shuffle_seed
-        self.output, self.decode_dtype = output, _TORCH_DTYPES[decode_dtype]
+        self.output, self.decode_dtype = output, _device_dtype(_TORCH_DTYPES[decode_dtype], self.device,
+                                                              "compute.decode_dtype")
         self.identity = identity or {}
         self.throttle_s = throttle_s
         self.pool = cf.ThreadPoolExecutor(png_threads, thread_name_prefix="png")

@@ -52,6 +52,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the process group `proc` leads, wait up to `grace_s`, then SIGKILL what is left."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------------------------
 # moto S3 server
 
@@ -369,7 +381,6 @@ def local_ray_head(env: dict[str, str]):
     other Ray on the machine); yields the dashboard URL once its job agent accepts jobs; stopped by
     process group. `env` should put the venv's bin first on PATH: a job's `python` is the head's."""
     import shutil
-    import signal
     import tempfile
 
     from ray.job_submission import JobSubmissionClient
@@ -395,14 +406,7 @@ def local_ray_head(env: dict[str, str]):
                 time.sleep(0.5)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head, 20)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -423,10 +427,8 @@ class TwoNodeRay:
 @pytest.fixture
 def two_node_ray(tmp_path, subprocess_env):
     """A head and a worker Ray node (2 logical CPUs each, custom resources node_a / node_b), separate
-    node processes, working and temp directories, all on 127.0.0.1 (tests/helpers.py
+    node processes and working directories (one Ray session directory), all on 127.0.0.1 (tests/helpers.py
     serve_two_node_cluster); stopped by process group."""
-    import signal
-
     head_dir, worker_dir = tmp_path / "head-node", tmp_path / "worker-node"
     head_dir.mkdir()
     worker_dir.mkdir()
@@ -446,14 +448,7 @@ def two_node_ray(tmp_path, subprocess_env):
         d = json.loads(info.read_text())
         yield TwoNodeRay(d["address"], d["dashboard"], d["nodes"], head_dir, worker_dir, proc.pid)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc, 30)
         log.close()
 
 

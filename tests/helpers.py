@@ -100,8 +100,8 @@ def serve_two_node_cluster(info_path: str, head_dir: str, worker_dir: str, cpus:
     `ray.cluster_utils.Cluster` starts each node's own GCS/raylet/object store as separate processes;
     `ray start --address` refuses to join with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (ecosystem §8.5),
     and with it on Ray replaces 127.0.0.1 by the routable address. Each raylet is started from its
-    own directory, so the workers of the two nodes have different working directories, and each node
-    has its own temp dir. Writes {"address", "dashboard", "nodes": {"node_a"|"node_b": node id}}.
+    own directory, so the workers of the two nodes have different working directories; each node has
+    its own raylet, object store and sockets, inside the one session directory Ray keeps per cluster. Writes {"address", "dashboard", "nodes": {"node_a"|"node_b": node id}}.
     """
     import json
     import signal

@@ -33,7 +33,7 @@ SIZE_KEYS = {
     "model.encoder_depth", "model.decoder_depth", "model.dim", "model.num_heads",
     "train.global_batch", "train.steps", "train.log_every", "optim.warmup_steps",
     "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.max_failures",
-    "checkpoint.every", "mlflow.system_metrics", "data.batches_per_epoch", "data.num_workers",
+    "checkpoint.every", "mlflow.system_metrics", "mlflow.grid_classes", "data.batches_per_epoch", "data.num_workers",
     "data.shuffle_buffer", "plan.num_samples", "plan.unit_size", "plan.batch_size", "output.grid",
     "compute.actors", "compute.actor_num_gpus", "compute.actor_num_cpus", "compute.png_threads",
     "compute.progress", "inception.batch_size", "fid.is_splits",
@@ -172,7 +172,7 @@ def trained(world, tokenized):
                 "train.global_batch=4", "train.steps=2", "train.log_every=1", "scaling.num_workers=1",
                 "scaling.use_gpu=false", "scaling.cpus_per_worker=1", "scaling.max_failures=0",
                 f"checkpoint.uri={world['url']('ckpt')}", "checkpoint.every=2",
-                f"mlflow.tracking_uri={world['mlflow']}", "mlflow.system_metrics=false"]
+                f"mlflow.tracking_uri={world['mlflow']}", "mlflow.system_metrics=false", "mlflow.grid_classes=[0]"]
         if cfg["data"].get("kind") == "stream":
             over += ["data.batches_per_epoch=2", "data.num_workers=1", "data.shuffle_buffer=4"]
         result = _run("train", name, over)

@@ -417,6 +417,17 @@ def test_unit_runner_draws_on_its_compute_device(tmp_path):
     assert gen.initial_seed() == unit.seed == sampling.unit_seed(7, 1)
 
 
+def test_float16_decode_on_a_cpu_without_fp16_kernels_runs_float32(tmp_path):
+    """The GPU configs decode under fp16 (as the official eval); a CPU actor without oneDNN fp16 kernels
+    runs that ~20x slower, so it decodes in float32 instead (and says so); bf16 and GPUs keep theirs."""
+    model = random_model(tiny_config(codebook_size=32, num_classes=CLASSES))
+    cpu, fp16_ok = torch.device("cpu"), torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    runner = sampling.UnitRunner(model, None, None, enat.SamplerConfig(), str(tmp_path), decode_dtype="float16")
+    assert runner.decode_dtype == (torch.float16 if fp16_ok else None)
+    assert sampling._device_dtype(torch.bfloat16, cpu, "x") == torch.bfloat16
+    assert sampling._device_dtype(torch.float16, torch.device("cuda"), "x") == torch.float16
+
+
 def test_fid_stats_from_an_adm_reference_batch_on_s3(ray_local, assets, tmp_path, s3_bucket):
     """ADM's reference batches (arr_0 uint8 NHWC, plus TF-Inception mu / sigma) as a fid-stats source:
     pytorch-fid statistics of the very images, read by ranged reads from the S3 test server, equal to a

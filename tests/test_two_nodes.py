@@ -1,4 +1,4 @@
-"""Two Ray nodes on loopback (a head and a worker node: separate processes, working and temp dirs), data
+"""Two Ray nodes on loopback (a head and a worker node: separate processes and working dirs), data
 and checkpoints only on the S3 test server: tokenize, train with one worker per node, sample across both
 nodes — each job a real entrypoint run as a Ray driver from a scratch directory that nothing reads from."""
 from __future__ import annotations
