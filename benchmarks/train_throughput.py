@@ -10,8 +10,9 @@ features), one step = masking + forward + backward + AdamW + EMA update:
              with mask_by_confidence, the full-logit loss) and utils.ema's update, written out here
              because train.py / utils.py import accelerate and torchvision at module level;
   ours       enat.lsimple + torch AdamW + enat.ema_update;
-  deepspeed  ours inside a single-process DeepSpeed engine (ZeRO-1; gloo on CPU, nccl on CUDA): the
-             engine's overhead over the plain optimizer step.
+  deepspeed  ours inside a single-process DeepSpeed engine (ZeRO-1; gloo on CPU, nccl on CUDA) with the
+             train job's EMA update (from DeepSpeed's fp32 masters): the engine's overhead over the plain
+             optimizer step.
 `--precision` bf16/fp16 runs ours under that autocast (fp16 with a grad scaler) and the engine with
 DeepSpeed's bf16/fp16; the official step runs fp16 autocast + GradScaler on a GPU (as its train.py under
 accelerate's fp16 mixed precision) and fp32 on the CPU.
@@ -134,12 +135,13 @@ def ours_step_fn(cfg: enat.ENATConfig, tokens, labels, lr: float, engine: bool, 
         elif precision == "fp16":
             ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
         eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+        from pipeline.training import engine_ema_update
 
         def step():
             loss, _ = enat.lsimple(eng, tokens, labels, ema, generator=gen)
             eng.backward(loss)
             eng.step()
-            enat.ema_update(ema, eng.module, 0.9999)
+            engine_ema_update(eng, ema, 0.9999)      # as the train job: from DeepSpeed's fp32 masters
         return step
 
     amp, scaler = _amp(device, precision)

@@ -404,7 +404,7 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
     ema.to(device)
     # as official (`ema_update(0)`): the EMA starts as a copy of the trained weights, here DeepSpeed's
     # fp32 masters (with bf16/fp16 they are the rounded initial weights)
-    _ema_update(engine, ema, 0.0)
+    engine_ema_update(engine, ema, 0.0)
     gen, shared_gen = generators(cfg.train.seed, rank, device)
 
     # data position: (epoch, micro-batches of this rank into it) of the next batch
@@ -454,7 +454,7 @@ def _train(cfg: TrainJobConfig, ctx) -> None:
                 continue
             step += 1
             epoch, epoch_batch = position
-            _ema_update(engine, ema, cfg.train.ema_rate)
+            engine_ema_update(engine, ema, cfg.train.ema_rate)
             last = step >= cfg.train.steps
             if step % cfg.train.log_every == 0 or last:
                 dt = time.time() - t_last
@@ -503,7 +503,7 @@ def _empty_context(cfg: TrainJobConfig, dataset: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _ema_update(engine, ema: enat.ENAT, rate: float) -> None:
+def engine_ema_update(engine, ema: enat.ENAT, rate: float) -> None:
     """p_ema = rate * p_ema + (1 - rate) * p (official utils.ema) with p DeepSpeed's fp32 master weight.
 
     The EMA is a plain float32 module on every rank (DeepSpeed has none; the reuse branch needs its full
