@@ -60,6 +60,7 @@ from enat.fid import (IS_SHUFFLE_SEED, FeatureStats, FIDInception, ISStats, frec
 from pipeline import storage
 from pipeline.config import (ConfigError, RayConfig, StorageConfig, TextConfig, TokenizerConfig, config_to_dict,
                              load_config, location)
+from pipeline.shards import read_npy_header
 
 FORMAT_VERSION = 1
 PARTS_DIR = "_parts"
@@ -1327,10 +1328,7 @@ def adm_npz_layout(fs: Any, path: str, name: str, resolution: int) -> AdmNpzLayo
                 raise ValueError(f"source.root {shown}: no images (arr_0) in the npz, keys {keys}{hint}")
             info = zf.getinfo("arr_0.npy")
             with zf.open(info) as m:
-                version = np.lib.format.read_magic(m)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, fortran, dtype = read_header(m)
+                shape, fortran, dtype = read_npy_header(m)
                 data_start = m.tell()
         if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
             raise ValueError(f"source.root {shown}: arr_0 is {dtype} {tuple(shape)}"

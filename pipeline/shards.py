@@ -294,6 +294,13 @@ class RangeReader(io.RawIOBase):
         return len(data)
 
 
+def read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """-> (shape, fortran_order, dtype) of the ``.npy`` stream ``f``, left at the first data byte."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(f)
+
+
 class NpyRows:
     """A C-order ``.npy`` tar member read row by row: ``m[i]`` fetches the bytes of ``array[i]`` only.
 
@@ -304,10 +311,7 @@ class NpyRows:
     def __init__(self, reader: RangeReader, offset: int, size: int, name: str = "?"):
         head = io.BytesIO(reader.pread(offset, min(size, 4096)))
         try:
-            version = np.lib.format.read_magic(head)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read_header(head)
+            shape, fortran, dtype = read_npy_header(head)
         except ValueError as e:
             raise ValueError(f"{name}: not a .npy member ({e})") from None
         if fortran or dtype.hasobject:
