@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from enat.fid import FeatureStats, FIDInception, frechet_distance  # noqa: E402
+from enat.fid import FeatureStats, frechet_distance  # noqa: E402
+from enat.inception import FIDInception  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

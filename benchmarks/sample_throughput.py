@@ -4,7 +4,7 @@ how the time splits, plus the cost of merging FID statistics of 50,000 × 2048 f
     .venv/bin/python benchmarks/sample_throughput.py             # ENAT-S, batch 16, 8 steps, MAGE VQGAN, 256 px
     .venv/bin/python benchmarks/sample_throughput.py --tiny      # seconds-long smoke run (tiny models)
     .venv/bin/python benchmarks/sample_throughput.py --device cuda --preset enat-l --batch 125 --samples 2000 \\
-        --dtype bfloat16 --decode-dtype bfloat16
+        --precision bf16 --decode-precision bf16
 
 Random weights everywhere (speed does not depend on them): ENAT of the preset, the MAGE f16 VQGAN,
 pytorch-fid's Inception architecture. The worker is the job's own `UnitRunner` writing PNG tars, npz and
@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import enat  # noqa: E402
-from enat.fid import FeatureStats, FIDInception, ISStats  # noqa: E402
-from pipeline import sampling, storage  # noqa: E402
+from enat import FeatureStats, FIDInception, ISStats  # noqa: E402
+from pipeline import sample, storage  # noqa: E402
+from pipeline.commits import sha256  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -49,17 +50,17 @@ def throughput(args: argparse.Namespace, device: torch.device) -> None:
     model = enat.ENAT(mcfg).eval().to(device)
     tok = tok.to(device)
     inception = FIDInception().to(device)
-    sampler = sampling.SamplerSection(steps=args.steps, dtype=args.dtype, compile=args.compile).resolve()
+    sampler = sample.SamplerSection(steps=args.steps, precision=args.precision, compile=args.compile).resolve()
     n = args.samples
     labels = np.arange(n) % mcfg.num_classes  # every class in turn
     out = tempfile.mkdtemp(prefix="enat-sample-bench-")
-    runner = sampling.UnitRunner(model, tok, inception, sampler, out, batch_size=args.batch, is_total=n + args.batch,
-                                 is_splits=10, output=sampling.OutputSection(uri=out, grid=0),
-                                 decode_dtype=args.decode_dtype, png_threads=args.png_threads)
+    runner = sample.UnitRunner(model, tok, inception, sampler, out, batch_size=args.batch, is_total=n + args.batch,
+                               is_splits=10, output=sample.OutputSection(uri=out, grid=0),
+                               decode_precision=args.decode_precision, png_threads=args.png_threads)
     # warm-up unit (one batch): kernels, allocator, oneDNN / cuDNN algorithm selection
-    warm = sampling.make_units(args.batch, args.batch, 0, labels[:args.batch])[0]
-    runner.run(sampling.Unit(10_000, n, warm.count, warm.seed, warm.labels), "warm-up")
-    units = sampling.make_units(n, args.unit, 0, labels)
+    warm = sample.make_units(args.batch, args.batch, 0, labels[:args.batch])[0]
+    runner.run(sample.Unit(10_000, n, warm.count, warm.seed, warm.labels), "warm-up")
+    units = sample.make_units(n, args.unit, 0, labels)
     t = time.perf_counter()
     secs = {"generate": 0.0, "decode": 0.0, "inception": 0.0, "write": 0.0}
     for u in units:
@@ -74,8 +75,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> None:
     res = mcfg.grid * int(tok.downsample)
     print(f"device {device}, threads {torch.get_num_threads()}, model "
           f"{'tiny' if args.tiny else args.preset} ({mcfg.depth} blocks, dim {mcfg.dim}), {args.steps} steps, "
-          f"sampler dtype {args.dtype}, decode dtype {args.decode_dtype}, {res} px, batch {args.batch}, "
-          f"unit {args.unit}, {n} samples")
+          f"sampler precision {args.precision}, decode precision {args.decode_precision}, {res} px, "
+          f"batch {args.batch}, unit {args.unit}, {n} samples")
     print(f"end to end: {n / wall:.3f} samples/s ({wall:.1f} s for {n}; {wall / n * 1000:.0f} ms/sample)")
     for k, v in secs.items():
         print(f"  {k:<10} {v:8.2f} s  {100 * v / total:5.1f} %  {v / n * 1000:8.1f} ms/sample")
@@ -105,12 +106,12 @@ def merge_cost(args: argparse.Namespace, device: torch.device) -> None:
         _sync(device)
         t_update += time.perf_counter() - t
         t = time.perf_counter()
-        data = sampling.stats_npz_bytes(f, s)
+        data = sample.stats_npz_bytes(f, s)
         storage.put_atomic(fs, f"{path}/stats/{u:06d}.npz", data)
         t_write += time.perf_counter() - t
-        recs.append({"unit": u, "files": {f"stats/{u:06d}.npz": {"sha256": sampling._sha(data)}}})
+        recs.append({"unit": u, "files": {f"stats/{u:06d}.npz": {"sha256": sha256(data)}}})
     t = time.perf_counter()
-    feats, is_stats = sampling.merge_stats(sampling.read_unit_stats(fs, path, recs))
+    feats, is_stats = sample.merge_stats(sample.read_unit_stats(fs, path, recs))
     t_merge = time.perf_counter() - t
     t = time.perf_counter()
     mu, sigma = feats.mean_cov()
@@ -119,7 +120,7 @@ def merge_cost(args: argparse.Namespace, device: torch.device) -> None:
     is_stats.score()
     t_is = time.perf_counter() - t
     t = time.perf_counter()
-    fid = sampling.fid_from_stats(mu, sigma, mu + 0.01, sigma * 1.01, "eigvals")
+    fid = enat.frechet_distance(mu, sigma, mu + 0.01, sigma * 1.01, method="eigvals")
     t_fid = time.perf_counter() - t
     print(f"statistics of {n:,} x {dim} features in {n // unit} units of {unit} ({device}):")
     print(f"  accumulate in the workers (float64 Σx, Σxxᵀ + IS)  {t_update:7.2f} s in all "
@@ -141,8 +142,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32, help="timed samples (after a one-batch warm-up)")
     p.add_argument("--unit", type=int, default=None, help="unit size (default: all timed samples in one unit)")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--decode-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="sampler.precision")
+    p.add_argument("--decode-precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="tokenizer.precision")
     p.add_argument("--png-threads", type=int, default=4)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

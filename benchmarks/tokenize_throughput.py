@@ -74,10 +74,9 @@ def make_tokenizer(kind: str, resolution: int, workdir: Path, seed: int = 0) -> 
         path = workdir / "patch_vq.pt"
         torch.save(tok.state_dict(), path)
         return str(path), tok
-    from pipeline.config import TokenizerConfig
-    from pipeline.tokenize import build_tokenizer
+    from pipeline.models import TokenizerSection, build_tokenizer
 
-    tok, _ = build_tokenizer(TokenizerConfig(kind="vqgan", weights=None, seed=seed))
+    tok, _ = build_tokenizer(TokenizerSection(kind="vqgan", weights=None, seed=seed))
     return None, tok
 
 
@@ -168,21 +167,22 @@ def run_ray(data: Path, weights: str | None, tokenizer: str, resolution: int, wo
             out: Path, args: argparse.Namespace) -> dict:
     import ray
 
-    from pipeline.config import TokenizeJobConfig, load_config
     from pipeline.cluster import init_ray
-    from pipeline.tokenize import run_tokenize
+    from pipeline.config import load_config
+    from pipeline.tokenize import TokenizeJobConfig, run_tokenize
 
     per_shard = args.samples_per_shard
     cfg = load_config(TokenizeJobConfig, {
         "source": {"kind": "imagefolder", "root": str(data), "splits": ["train"]},
         "image": {"resolution": resolution},
         "tokenizer": {"kind": tokenizer, "weights": weights},
-        "tokenize": {"out": str(out), "samples_per_shard": per_shard, "batch_size": batch_size,
-                     # CPU: one single-threaded encoder actor per worker CPU (data parallel over
-                     # shards), decode tasks in the remaining quarter; GPU: --actors x --actor-gpus
-                     "encode_actors": args.actors or (workers if not args.actor_gpus else 1),
-                     "actor_num_gpus": args.actor_gpus, "actor_num_cpus": args.actor_cpus,
-                     "decode_num_cpus": args.decode_cpus, "decode_on": args.decode_on, "progress": False},
+        "tokenize": {"samples_per_shard": per_shard, "batch_size": batch_size},
+        "output": {"uri": str(out)},
+        # CPU: one single-threaded encoder actor per worker CPU (data parallel over shards), decode
+        # tasks in the remaining quarter; GPU: --actors x --actor-gpus
+        "compute": {"workers": args.actors or (workers if not args.actor_gpus else 1),
+                    "gpus_per_worker": args.actor_gpus, "cpus_per_worker": args.actor_cpus,
+                    "decode_cpus": args.decode_cpus, "decode_on": args.decode_on, "progress": False},
         "ray": {"num_cpus": workers, "num_gpus": 1 if args.actor_gpus else None,
                 "object_store_memory": args.object_store_mb * 2**20},
     })
@@ -199,7 +199,7 @@ def run_ray(data: Path, weights: str | None, tokenizer: str, resolution: int, wo
     busy = {k: sum(p["seconds"][k] for p in parts) for k in ("read", "decode", "encode", "write")}
     n = summary["splits"]["train"]["written"]
     return {"images": n, "seconds": total, "images_per_s": n / total, "ray_init_s": t_init,
-            "images_per_s_incl_init": n / (total + t_init), "steady_images_per_s": summary.get("steady_images_per_s"),
+            "images_per_s_incl_init": n / (total + t_init), "steady_images_per_s": summary.get("steady_per_s"),
             "busy_s": busy}
 
 

@@ -135,7 +135,7 @@ def ours_step_fn(cfg: enat.ENATConfig, tokens, labels, lr: float, engine: bool, 
         elif precision == "fp16":
             ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
         eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-        from pipeline.training import engine_ema_update
+        from pipeline.train import engine_ema_update
 
         def step():
             loss, _ = enat.lsimple(eng, tokens, labels, ema, generator=gen)

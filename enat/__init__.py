@@ -12,13 +12,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "VQGAN": "vqgan", "VQGANConfig": "vqgan", "center_crop_arr": "vqgan",
     "PatchVQ": "patch_vq",
-    "FIDInception": "fid", "frechet_distance": "fid",
-    "inception_score": "fid", "ISStats": "fid", "FeatureStats": "fid",
+    "FIDInception": "inception",
+    "FeatureStats": "fid", "ISStats": "fid", "inception_score": "fid", "frechet_distance": "fid",
+    "load_reference_stats": "fid", "is_protocol": "fid", "IS_SHUFFLE_SEED": "fid",
 }
 
 
 def __getattr__(name: str):
-    # tokenizers and the FID network are imported on first use (keeps `import enat` light)
+    # tokenizers, the FID network and its statistics are imported on first use (keeps `import enat` light)
     if name in _LAZY:
         import importlib
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

@@ -129,35 +129,35 @@ def run(out: Path, size: str = "small", store: Optional[str] = None, inception: 
     torch.save(tok.state_dict(), buf)
     storage.put_atomic(fs, f"{path}/tokenizer/patch_vq.pt", buf.getvalue())
     tok_uri = storage.join(store, "tokenizer", "patch_vq.pt")
-    from pipeline.config import RayConfig
+    from pipeline.sections import RayConfig
     started = init_ray(RayConfig(num_cpus=max(2, os.cpu_count() or 2)))
     try:
         common = ["tokenizer.kind=patch", f"tokenizer.weights={tok_uri}", f"image.resolution={RES}",
                   "tokenize.samples_per_shard=250", "tokenize.batch_size=256", *stor]
         summary = tokenize_job.main([f"source.root={out / 'data' / 'imagenet'}", "source.kind=imagefolder",
-                                     f"tokenize.out={storage.join(store, 'tokens', 'digits')}", *common])
+                                     f"output.uri={storage.join(store, 'tokens', 'digits')}", *common])
         text_summary = tokenize_job.main([f"source.root={out / 'data' / 'coco'}", "source.kind=coco",
                                           "source.splits=[train2014]", "text.kind=random", "text.dim=32",
                                           "text.length=8", "tokenize.flips=none",
-                                          f"tokenize.out={storage.join(store, 'tokens', 'captions')}", *common])
+                                          f"output.uri={storage.join(store, 'tokens', 'captions')}", *common])
         report["tokenize"] = {"digits": summary["splits"]["train"], "captions": text_summary["splits"]["train2014"]}
         _log_stage_run("tokenize", report["tokenize"], tracking)
 
         _log(f"[demo 3/5] training: Ray Train + DeepSpeed ({s['workers']} CPU worker(s)), {s['steps']} steps")
         model = [f"model.dim={s['dim']}", f"model.encoder_depth={s['depth']}", "model.decoder_depth=1",
                  "model.num_heads=4", "model.preset=enat-s"]
-        train_common = [*model, "deepspeed.precision=fp32", f"scaling.num_workers={s['workers']}",
+        train_common = [*model, "deepspeed.precision=fp32", f"compute.workers={s['workers']}",
                         f"train.global_batch={s['batch']}", "optim.lr=0.002", "optim.warmup_steps=50",
                         "optim.betas=[0.9, 0.99]", "train.ema_rate=0.995", f"train.log_every={max(1, s['steps'] // 20)}",
                         "mlflow.experiment=enat-demo", f"mlflow.tracking_uri={tracking}", "mlflow.system_metrics=true",
-                        f"checkpoint.uri={storage.join(store, 'checkpoints')}", *stor]
+                        f"output.uri={storage.join(store, 'checkpoints')}", *stor]
         res = train_job.main([f"data.root={storage.join(store, 'tokens', 'digits')}", f"train.steps={s['steps']}",
-                              "train.run_name=demo-class", f"checkpoint.every={s['steps']}", *train_common])
+                              "train.run_name=demo-class", f"output.checkpoint_every={s['steps']}", *train_common])
         report["train"] = {"checkpoint": str(res.checkpoint.path) if res.checkpoint else None}
         res_t = train_job.main([f"data.root={storage.join(store, 'tokens', 'captions')}", "data.split=train2014",
                                 "data.flip=none",
                                 f"train.steps={s['text_steps']}", "train.run_name=demo-text",
-                                f"checkpoint.every={s['text_steps']}", *train_common])
+                                f"output.checkpoint_every={s['text_steps']}", *train_common])
         report["train_text"] = {"checkpoint": str(res_t.checkpoint.path) if res_t.checkpoint else None}
         train_run = _run_id(tracking, "demo-class")
 
@@ -273,7 +273,7 @@ def _print_summary(r: dict) -> None:
 
 
 def _storage(endpoint_url: Optional[str]):
-    from pipeline.config import StorageConfig
+    from pipeline.sections import StorageConfig
     return StorageConfig(endpoint_url=endpoint_url)
 
 

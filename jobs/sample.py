@@ -8,15 +8,15 @@ the cluster::
         inception.weights=s3://weights/pt_inception-2015-12-05-6726825d.pth \\
         fid.reference=s3://weights/fid_stats_imagenet256_guided_diffusion.npz output.uri=s3://runs/fid50k
     ray job submit --working-dir . -- python -m jobs.sample --config sample.yaml \\
-        compute.actors=8 compute.actor_num_gpus=1 sampler.dtype=bfloat16 mlflow.parent_run_id=<train run>
+        compute.workers=8 compute.gpus_per_worker=1 sampler.precision=bf16 mlflow.parent_run_id=<train run>
 
-Defaults are the paper's FID-50K protocol (50 samples per class in class order, the ImageNet-256 sampler
-settings, seed 1234). Rerunning the same command resumes: committed units are skipped and the
-statistics merged again. The resolved config is printed first and recorded in ``{output.uri}/plan.json``
-and as MLflow params. Without ``inception.weights`` the samples are still written and FID / IS are
-reported as unavailable.
+Presets (``--preset``): imagenet-256, imagenet-512, coco-256. Defaults are the paper's FID-50K protocol
+(50 samples per class in class order, the ImageNet-256 sampler settings, seed 1234). Rerunning the same
+command resumes: committed units are skipped and the statistics merged again. The resolved config is
+printed first and recorded in ``{output.uri}/plan.json`` and as MLflow params. Without
+``inception.weights`` the samples are still written and FID / IS are reported as unavailable.
 
-Example config (FID-50K of ENAT-L at 256 px on 8 GPUs; every field is in pipeline.sampling)::
+Example config (FID-50K of ENAT-L at 256 px on 8 GPUs; every field is in pipeline.sample.config)::
 
     model:
       checkpoint: s3://enat-weights/enat-l-256/nnet_ema.pth   # or <train checkpoint>/step_*/ema.pt
@@ -24,9 +24,10 @@ Example config (FID-50K of ENAT-L at 256 px on 8 GPUs; every field is in pipelin
     tokenizer:
       kind: vqgan
       weights: s3://enat-weights/vqgan_jax_strongaug.ckpt
+      precision: fp16           # the decoder's autocast, as the official eval
     sampler:
       preset: imagenet-256      # 8 steps, cfg 2.5, mask_temp 1.5, sample_temp 6 (enat-facts §6)
-      dtype: bfloat16
+      precision: bf16
     plan:
       num_samples: 50000        # 50 per class, in class order
       seed: 1234
@@ -41,10 +42,9 @@ Example config (FID-50K of ENAT-L at 256 px on 8 GPUs; every field is in pipelin
       png: true
       npz: false                # true: ADM-style npz per unit (adm_npz: one samples_50000x256x256x3.npz)
     compute:
-      actors: 8
-      actor_num_gpus: 1
-      actor_num_cpus: 8
-      decode_dtype: float16     # as the official eval
+      workers: 8
+      gpus_per_worker: 1
+      cpus_per_worker: 8
       units_in_flight: 2        # write one unit while the next one computes
     mlflow:
       experiment: enat
@@ -52,29 +52,21 @@ Example config (FID-50K of ENAT-L at 256 px on 8 GPUs; every field is in pipelin
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, Optional, Sequence
 
-from pipeline.config import dump_config, parse_job_args
-from pipeline.sampling import SAMPLE_PRESETS, SampleJobConfig, run_sample
-from pipeline.storage import redact
+from pipeline.cluster import run_job
+from pipeline.config import parse_job_args
+from pipeline.sample import SampleJobConfig, run_sample
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> SampleJobConfig:
-    return parse_job_args(SampleJobConfig, argv, "python -m jobs.sample", __doc__.split("\n")[0], SAMPLE_PRESETS)
+    return parse_job_args(SampleJobConfig, argv, "python -m jobs.sample", __doc__.split("\n")[0])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the job; returns the results summary (fid, is, num_samples, timings …)."""
-    cfg = parse_args(argv)
-    print("[sample] config:\n" + redact(dump_config(cfg)), flush=True)
-    from pipeline.cluster import ray_session
-
-    with ray_session(cfg.ray):
-        summary = run_sample(cfg, log=lambda m: print(m, flush=True))
-    print("[sample] results: " + redact(json.dumps(summary)), flush=True)
-    return summary
+    return run_job(parse_args(argv), "sample", run_sample)
 
 
 if __name__ == "__main__":

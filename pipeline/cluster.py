@@ -1,10 +1,15 @@
-"""The Ray session every job shares: connect to a cluster, or start an embedded local Ray on loopback."""
+"""Where jobs run: the Ray session (a cluster, or an embedded local Ray on loopback), the worker's
+device, and the one actor-pool runner with progress and rate that every unit-of-work job uses."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
 
-from pipeline.config import RayConfig
+from pipeline.sections import ComputeSection, RayConfig
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -65,3 +70,86 @@ def ray_session(cfg: RayConfig = RayConfig()):
             import ray
 
             ray.shutdown()
+
+
+def pick_device(compute: ComputeSection) -> Any:
+    """The worker's torch device: cuda when asked (``compute.device=cuda``) or when the worker holds a
+    GPU (``auto``); on CPU, one torch thread per reserved CPU (more workers scale it). Raises
+    ``RuntimeError`` when cuda is asked for and the worker sees none."""
+    import torch
+
+    want_cuda = compute.device == "cuda" or (compute.device == "auto" and compute.gpus_per_worker > 0
+                                             and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError("compute.device=cuda but this worker sees no CUDA device")
+    if not want_cuda:
+        torch.set_num_threads(max(1, int(compute.cpus_per_worker)))
+    return torch.device("cuda" if want_cuda else "cpu")
+
+
+# a Ray Data task stage before the actors: (function, its keyword arguments, Ray resource arguments)
+Stage = tuple[Callable[..., dict], dict, dict]
+
+
+def run_pool(rows: list[dict], worker: type, ctor_args: tuple, compute: ComputeSection, *, what: str,
+             total: int = 0, count: str = "samples", stages: Sequence[Stage] = (), in_flight: int = 1,
+             postfix: Optional[Callable[[dict], dict]] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``rows`` (one unit of work each) through ``stages`` of tasks, then a pool of ``worker`` actors
+    (``compute.workers`` of them) on the current Ray cluster, with a progress bar and rate on the driver.
+
+    Each output row must hold ``count`` (items done) and may hold ``*_s`` timings (summed into
+    ``worker_seconds``). Returns {run_s, first_unit_s, steady_per_s (after the first unit, i.e. without
+    start-up and model loading), worker_seconds}.
+    """
+    import ray
+
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    for fn, kwargs, resources in stages:
+        ds = ds.map(fn, fn_kwargs=kwargs, **resources)
+    pool = ray.data.ActorPoolStrategy(size=compute.workers, max_concurrent_calls_per_actor=in_flight,
+                                      enable_true_multi_threading=in_flight > 1)
+    ds = ds.map(worker, fn_constructor_args=ctor_args, compute=pool, num_cpus=compute.cpus_per_worker,
+                num_gpus=compute.gpus_per_worker or None)
+    bar = None
+    if compute.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total or None, unit="img", desc=what, dynamic_ncols=True, file=sys.stderr)
+    done, t0 = 0, time.perf_counter()
+    t_first = first_n = None
+    secs: collections.Counter = collections.Counter()
+    try:
+        for r in ds.iter_rows():
+            done += int(r[count])
+            secs.update({k[:-2]: float(v) for k, v in r.items() if k.endswith("_s")})
+            if t_first is None:
+                t_first, first_n = time.perf_counter(), done
+            if bar is not None:
+                bar.update(int(r[count]))
+                if postfix is not None:
+                    bar.set_postfix(**postfix(r))
+    finally:
+        if bar is not None:
+            bar.close()
+    t_end = time.perf_counter()
+    steady = (done - first_n) / (t_end - t_first) if t_first is not None and done > first_n and t_end > t_first \
+        else None
+    log(f"[{what}] {len(rows)} units, {done} images in {t_end - t0:.1f} s")
+    return {"run_s": round(t_end - t0, 3), "first_unit_s": None if t_first is None else round(t_first - t0, 3),
+            "steady_per_s": None if steady is None else round(steady, 3),
+            "worker_seconds": {k: round(v, 3) for k, v in secs.items()}}
+
+
+def run_job(cfg: Any, what: str, run: Callable[..., dict]) -> dict:
+    """A job's main: print the resolved config (credentials redacted), run ``run(cfg, log=...)`` in a Ray
+    session, print the summary."""
+    import json
+
+    from pipeline.config import dump_config
+    from pipeline.storage import redact
+
+    print(f"[{what}] config:\n" + redact(dump_config(cfg)), flush=True)
+    with ray_session(cfg.ray):
+        summary = run(cfg, log=lambda m: print(m, flush=True))
+    print(f"[{what}] summary: " + redact(json.dumps(summary)), flush=True)
+    return summary

@@ -8,6 +8,15 @@ rejects unknown or ill-typed fields before any work starts, naming the field::
 
 Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Optional[X]``, ``Literal[...]``,
 ``tuple[X, ...]``, ``list[X]``, ``dict[str, X]`` and nested dataclasses.
+
+A job config class may declare two class attributes the loader reads:
+
+- ``PRESETS``: named starting points (``--preset NAME``), plain dicts merged under the YAML file;
+- ``RENAMED``: old dotted keys → their new names; an old key is rejected with a message naming the new
+  one (the vocabulary is one word per idea across jobs: ``output.uri``, ``compute.workers``, …).
+
+Precision values are spelled ``fp32`` / ``bf16`` / ``fp16`` everywhere; ``float32`` / ``bfloat16`` /
+``float16`` are rejected with the new spelling.
 """
 from __future__ import annotations
 
@@ -15,12 +24,16 @@ import dataclasses
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import yaml
 
 T = TypeVar("T")
+
+
+# the one spelling of a precision; the torch spellings are rejected with the new one
+RESPELLED = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 class ConfigError(ValueError):
@@ -52,9 +65,21 @@ def load_config(cls: type[T], source: Union[str, os.PathLike, Mapping[str, Any],
             raise ConfigError(f"{os.fspath(source)}: expected a mapping at the top level, got "
                               f"{type(loaded).__name__}")
         data = _deepcopy_mapping(loaded)
+    renamed = getattr(cls, "RENAMED", {})
+    for old, new in renamed.items():
+        if _has_path(data, old.split(".")):
+            raise ConfigError(f"{old}: renamed to {new}; write {new} instead")
     for item in overrides:
         _apply_override(cls, data, item)
     return _build(cls, data, prefix="")
+
+
+def _has_path(data: Any, parts: list[str]) -> bool:
+    for name in parts:
+        if not isinstance(data, Mapping) or name not in data:
+            return False
+        data = data[name]
+    return True
 
 
 def config_to_dict(cfg: Any) -> Any:
@@ -83,6 +108,12 @@ def _apply_override(cls: type, data: dict, item: str) -> None:
         raise ConfigError(f"override {item!r}: expected section.field=value")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
+    renamed = getattr(cls, "RENAMED", {})
+    for i in range(len(parts), 0, -1):
+        old = ".".join(parts[:i])
+        if old in renamed:
+            new = renamed[old] + dotted.strip()[len(old):]
+            raise ConfigError(f"{dotted.strip()}: renamed to {new}; write {new}={raw}")
     # Walk the dataclass types so the value can be parsed for the field's type.
     target_cls: Any = cls
     node = data
@@ -138,10 +169,12 @@ def _is_union(tp: Any) -> bool:
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping for {cls.__name__}, "
-                          f"got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(data, Mapping):
+        where = prefix.rstrip(".") or cls.__name__
+        if isinstance(data, str) and "uri" in fields:  # a location that became a section (issue 12)
+            raise ConfigError(f"{where}: now a section; write {where}.uri={data}")
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(f"{prefix}{u}" for u in unknown)
@@ -183,6 +216,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if value in RESPELLED and RESPELLED[value] in allowed:
+            raise ConfigError(f"{where}: {value!r} is spelled {RESPELLED[value]!r}")
         if value not in allowed:
             raise ConfigError(f"{where}: must be one of {list(allowed)}, got {value!r}")
         return value
@@ -305,187 +340,7 @@ def _resolve_value(value: Any, cwd: Optional[str]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tokenize job config
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """How to reach object storage. Credentials come only from the standard AWS environment/config
-    files (or the named ``profile``), never from here, so this config can be logged and recorded."""
-
-    endpoint_url: Optional[str] = None  # S3-compatible endpoint (MinIO, moto, R2…); None: AWS_ENDPOINT_URL or AWS
-    region: Optional[str] = None  # None: AWS_DEFAULT_REGION / ~/.aws/config
-    profile: Optional[str] = None  # a named profile of ~/.aws/credentials
-    anon: bool = False  # unsigned requests (public buckets)
-    # extra fsspec options per protocol, e.g. {"s3": {"requester_pays": true}}; no secrets here
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # see the comment above
-
-    def __post_init__(self) -> None:
-        for proto, opts in self.options.items():
-            bad = [k for k in opts if any(s in k.lower() for s in ("secret", "key", "token", "password"))]
-            if bad:
-                raise ValueError(f"options.{proto}.{bad[0]}: credentials may not be put in the config; "
-                                 f"use the AWS environment, ~/.aws/credentials or storage.profile")
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    """Where the images come from."""
-
-    kind: Literal["imagefolder", "coco"] = "imagefolder"  # dataset layout (see below)
-    # imagefolder: root holding <split>/<class>/<image> (ImageNet layout), local path or URL.
-    # coco: root holding annotations/captions_<split>.json and <split>/<image>.
-    root: str = location("")  # dataset root, local path or URL (required)
-    splits: tuple[str, ...] = ("train",)  # split folders to tokenize, e.g. [train, val] or [train2014]
-    # as official: dataset.py _list_image_files_recursively keeps only these extensions
-    extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "gif")  # other files are recorded as rejects
-    limit: Optional[int] = None  # keep only the first N images of each split (smoke runs)
-    # imagefolder: a split whose images lie directly in its folder (ImageNet val as distributed:
-    # val/ILSVRC2012_val_00000001.JPEG …) takes its labels from a file, per split: the Kaggle
-    # LOC_val_solution.csv (ImageId,PredictionString: the first token is the wnid) or the devkit's
-    # ILSVRC2012_validation_ground_truth.txt (one 1-based ILSVRC2012_ID per line; needs `synsets`).
-    # Paths without a scheme that do not start with "/" are relative to root.
-    labels: dict[str, str] = field(default_factory=dict)  # split → label file of a flat split (see above)
-    # the devkit's synset list in ILSVRC2012_ID order (NOT the sorted-wnid order of the labels):
-    # ILSVRC2012_devkit_t12/data/meta.mat, or a text file with one wnid per line in that order;
-    # relative to root like `labels` (so not a driver-resolved location)
-    synsets: Optional[str] = None  # needed by a ground_truth.txt label file (see above)
-    # center crop: adm = ADM's BOX-halving + BICUBIC crop (official ENAT / ImageNet); uvit = U-ViT's
-    # crop to the short side + Lanczos resize (the pipeline of fid_stats_mscoco256_val.npz); auto:
-    # uvit for kind=coco, adm otherwise
-    crop: Literal["auto", "adm", "uvit"] = "auto"  # see above
-
-    def __post_init__(self) -> None:
-        if not self.splits:
-            raise ValueError("splits: at least one split is required")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit: must be ≥ 1 or null, got {self.limit}")
-        unknown = sorted(set(self.labels) - set(self.splits))
-        if unknown:
-            raise ValueError(f"labels.{unknown[0]}: not one of splits {list(self.splits)}")
-        if self.labels and self.kind != "imagefolder":
-            raise ValueError("labels: label files apply to kind=imagefolder only")
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    """Decode and preprocessing."""
-
-    resolution: int = 256  # the official center crop's output size (256 or 512 in the paper)
-    min_side: int = 8  # images whose short side is smaller are rejected as "tiny"
-    # larger images are rejected as "decompression-bomb"; default = PIL's own error threshold
-    max_pixels: int = 2 * 89_478_485  # more pixels (read from the header) → "decompression-bomb"
-
-    def __post_init__(self) -> None:
-        if self.resolution < 1:
-            raise ValueError(f"resolution: must be positive, got {self.resolution}")
-        if self.min_side < 1 or self.max_pixels < 1:
-            raise ValueError("min_side and max_pixels must be positive")
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    """The VQ tokenizer run on the encode actors."""
-
-    kind: Literal["vqgan", "patch"] = "vqgan"  # enat.vqgan.VQGAN (the paper's) or enat.patch_vq.PatchVQ (tests)
-    # weights URL/path: VQGAN official checkpoint (vqgan_jax_strongaug.ckpt) or a PatchVQ state dict.
-    # null with kind=vqgan builds random weights (benchmarks only; recorded in dataset.json).
-    weights: Optional[str] = location(None)  # URL/path of the weights (see above)
-    preset: str = "mage-f16"  # VQGAN config preset (enat-facts §8)
-    seed: int = 0  # random-weights seed (weights: null)
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    """Text encoder for caption datasets (COCO); ignored for imagefolder sources."""
-
-    kind: Literal["clip", "random"] = "clip"  # clip: CLIP ViT-L/14 text tower; random: offline stand-in
-    # clip: a local directory / URL with a transformers CLIPTextModel + CLIPTokenizer
-    # (openai/clip-vit-large-patch14, as U-ViT's FrozenCLIPEmbedder; enat-facts §10)
-    weights: Optional[str] = location(None)  # clip only (see above)
-    length: int = 77  # tokens per caption (CLIP's context length)
-    dim: int = 64  # random encoder width (clip: taken from the model, 768 for ViT-L/14)
-    seed: int = 0  # random encoder weights
-    batch_size: int = 64  # captions per forward
-
-
-@dataclass(frozen=True)
-class TokenizeConfig:
-    """The tokenize graph and its output."""
-
-    out: str = location("")  # output root URL: {out}/{split}/{split}-000000.tar, manifest.parquet, dataset.json
-    samples_per_shard: int = 1000  # images per shard (a shard is the unit of work); ~128 for COCO
-    rows_per_entry: int = 1000  # token rows packed into one tar entry (512 B per row at 256 px)
-    text_rows_per_entry: int = 8  # images per tar entry when text features are stored (~0.6 MB each)
-    batch_size: int = 128  # images per encoder forward (the official script uses 128)
-    flips: Literal["train", "all", "none"] = "train"  # store flipped tokens: splits named train*, all, none
-    encode_actors: int = 1  # encoder actor pool size (one per GPU on a cluster)
-    actor_num_gpus: float = 0.0  # GPUs per encoder actor (1 on a GPU cluster)
-    actor_num_cpus: float = 1.0  # CPUs per encoder actor (its torch threads on CPU)
-    decode_num_cpus: float = 1.0  # CPUs per decode task
-    # where decode + crop runs: "tasks" (a CPU task pool feeding the encoder actors: GPU clusters),
-    # "actors" (each encoder actor decodes its own shard: CPU-only encoding, no transfer between
-    # processes), "auto" (actors when actor_num_gpus == 0, else tasks)
-    decode_on: Literal["auto", "tasks", "actors"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the actor has a GPU
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # encoder autocast on cuda (fp32 = official)
-    overwrite: bool = False  # redo shards already committed with a different plan/tokenizer
-    throttle_s: float = 0.0  # sleep after each shard (fault-injection tests and demos only)
-    progress: bool = True  # tqdm bar on the driver
-
-    def __post_init__(self) -> None:
-        for name in ("samples_per_shard", "rows_per_entry", "text_rows_per_entry", "batch_size", "encode_actors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class RayConfig:
-    """How the job reaches Ray. Under ``ray job submit`` RAY_ADDRESS is set and these are ignored."""
-
-    address: Optional[str] = None  # None: RAY_ADDRESS, else start an embedded local Ray on 127.0.0.1
-    num_cpus: Optional[int] = None  # embedded Ray only
-    num_gpus: Optional[int] = None  # embedded Ray only
-    object_store_memory: Optional[int] = None  # bytes, embedded Ray only
-
-
-@dataclass(frozen=True)
-class TokenizeJobConfig:
-    """``python -m jobs.tokenize --config tokenize.yaml``: everything the job needs."""
-
-    source: SourceConfig = field(default_factory=SourceConfig)  # what to read
-    image: ImageConfig = field(default_factory=ImageConfig)  # decode + center crop
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # the VQ encoder
-    text: TextConfig = field(default_factory=TextConfig)  # caption encoder (coco only)
-    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)  # the graph and its output
-    storage: StorageConfig = field(default_factory=StorageConfig)  # object-store settings
-    ray: RayConfig = field(default_factory=RayConfig)  # how to reach Ray
-
-    def __post_init__(self) -> None:
-        if not self.source.root:
-            raise ConfigError("source.root: required (local path or URL of the image data)")
-        if not self.tokenize.out:
-            raise ConfigError("tokenize.out: required (output URL)")
-
-
-# Named presets (paper numbers: enat-facts §5, §8, §10). Paths are placeholders to override.
-TOKENIZE_PRESETS: dict[str, dict[str, Any]] = {
-    # ImageNet-1k 256 px: 1,281,167 train images → 2 token rows each (plain + flip), MAGE VQGAN f16.
-    "imagenet-256": {"source": {"kind": "imagefolder", "splits": ["train", "val"]},
-                     "image": {"resolution": 256},
-                     "tokenizer": {"kind": "vqgan", "preset": "mage-f16"},
-                     "tokenize": {"samples_per_shard": 1000, "batch_size": 128}},
-    "imagenet-512": {"source": {"kind": "imagefolder", "splits": ["train", "val"]},
-                     "image": {"resolution": 512},
-                     "tokenizer": {"kind": "vqgan", "preset": "mage-f16"},
-                     "tokenize": {"samples_per_shard": 500, "batch_size": 64}},
-    # MS-COCO 2014 256 px with CLIP ViT-L/14 text features (U-ViT recipe; enat-facts §10).
-    "coco-256": {"source": {"kind": "coco", "splits": ["train2014", "val2014"]},
-                 "image": {"resolution": 256},
-                 "tokenizer": {"kind": "vqgan", "preset": "mage-f16"},
-                 "text": {"kind": "clip", "length": 77},
-                 "tokenize": {"samples_per_shard": 128, "batch_size": 128}},
-}
+# The command line every job shares
 
 
 def merge_dicts(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
@@ -499,46 +354,17 @@ def merge_dicts(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
     return out
 
 
-@dataclass(frozen=True)
-class ReaderConfig:
-    """Training-time token reader (pipeline.readers.make_reader); one per rank."""
-
-    kind: Literal["memory", "stream"] = "memory"  # memory: whole split in RAM (ImageNet); stream: webdataset
-    root: str = location("")  # dataset root URL written by the tokenize job (holds dataset.json)
-    split: str = "train"  # split folder under root
-    batch_size: int = 64  # per rank
-    seed: int = 0  # permutation / flip / caption / drop draws derive from (seed, epoch[, rank, worker])
-    flip: Literal["random", "none", "both"] = "random"  # both = plain and flipped rows every epoch (official)
-    caption: Literal["random", "first"] = "random"  # which caption of an image (caption datasets)
-    p_uncond: float = 0.0  # label → num_classes / caption → empty caption with this probability (0.15 official)
-    drop_last: bool = True  # memory: False pads the last global batch by wrapping around
-    num_workers: int = 2  # stream: DataLoader workers per rank
-    shuffle_buffer: int = 1000  # stream: sample shuffle buffer per worker (0: no sample shuffling)
-    shuffle_shards: bool = True  # stream: shuffle the shard order every epoch
-    resampled: bool = False  # stream: draw shards with replacement forever (set batches_per_epoch)
-    batches_per_epoch: Optional[int] = None  # stream: nominal epoch length in batches
-    verify: bool = True  # memory: check every shard's sha256 against the manifest
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.p_uncond < 1.0:
-            raise ValueError(f"p_uncond: must lie in [0, 1), got {self.p_uncond}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be ≥ 1, got {self.batch_size}")
-        if self.resampled and not self.batches_per_epoch:
-            raise ValueError("batches_per_epoch: required with resampled=true (the stream is infinite)")
-
-
-def parse_job_args(cls: type[T], argv: Optional[Sequence[str]], prog: str, description: str,
-                   presets: Optional[Mapping[str, Mapping[str, Any]]] = None) -> T:
+def parse_job_args(cls: type[T], argv: Optional[Sequence[str]], prog: str, description: str) -> T:
     """The command line every job shares: ``[--preset NAME] [--config x.yaml] [section.field=value ...]``.
 
-    The preset is the base, the YAML file is merged over it, the overrides are applied last; the result
-    is validated by :func:`load_config` (errors name the field) before any work starts.
+    The preset (one of ``cls.PRESETS``) is the base, the YAML file is merged over it, the overrides
+    are applied last; the result is validated by :func:`load_config` (errors name the field) before any work starts.
     """
     import argparse
 
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 epilog="Every field of the config can be overridden as section.field=value.")
+    presets: Mapping[str, Mapping[str, Any]] = getattr(cls, "PRESETS", {})
     p.add_argument("--config", help=f"YAML file holding a {cls.__name__}")
     if presets:
         p.add_argument("--preset", choices=sorted(presets), help="start from a named preset")

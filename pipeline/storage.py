@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Optional, Union
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config import StorageConfig
+from pipeline.sections import StorageConfig
 
 SINGLE_PUT_LIMIT = 100 * 2**20  # s3fs pipe() does one PUT below 2 × its 50 MiB chunk size
 TMP_MARK = ".tmp-"  # temporary keys: "<dir>/.<name>.tmp-<hex>"; listings skip them
@@ -231,6 +231,28 @@ def list_files(fs: fsspec.AbstractFileSystem, prefix: str, suffix: str = "",
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """Whole object as bytes."""
     return fs.cat_file(path)
+
+
+def read_url(url: str, storage: StorageLike = None) -> bytes:
+    """The bytes of the object at ``url``."""
+    fs, path = filesystem(url, storage)
+    return fs.cat_file(path)
+
+
+def cat_many(fs: fsspec.AbstractFileSystem, paths: list[str], on_error: str = "raise") -> dict[str, Any]:
+    """``{path: bytes}`` of many objects in one batched, concurrent ``fs.cat``. ``on_error="return"``
+    puts the exception in place of the bytes of an unreadable object instead of raising."""
+    if len(paths) > 1:
+        return fs.cat(paths, on_error=on_error)
+    out: dict[str, Any] = {}
+    for p in paths:
+        try:
+            out[p] = fs.cat_file(p)
+        except Exception as e:
+            if on_error == "raise":
+                raise
+            out[p] = e
+    return out
 
 
 def remove_stale_temps(fs: fsspec.AbstractFileSystem, prefix: str) -> int:

@@ -13,17 +13,32 @@ Both expose ``name``, ``dim``, ``length``, ``identity()`` and ``encode(list[str]
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
-from typing import Any, Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.config import TextConfig
+from pipeline.commits import state_sha256
+from pipeline.config import location
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Text encoder for caption datasets (COCO) and text models; ignored for class-labelled data."""
+
+    kind: Literal["clip", "random"] = "clip"  # clip: CLIP ViT-L/14 text tower; random: offline stand-in
+    # clip: a local directory / URL with a transformers CLIPTextModel + CLIPTokenizer
+    # (openai/clip-vit-large-patch14, as U-ViT's FrozenCLIPEmbedder; enat-facts §10)
+    weights: Optional[str] = location(None)  # clip only (see above)
+    length: int = 77  # tokens per caption (CLIP's context length)
+    dim: int = 64  # random encoder width (clip: taken from the model, 768 for ViT-L/14)
+    seed: int = 0  # random encoder weights
+    batch_size: int = 64  # captions per forward
 
 
 class TextEncoder(Protocol):
@@ -36,14 +51,6 @@ class TextEncoder(Protocol):
 
     def identity(self) -> dict[str, Any]:
         """JSON-friendly description recorded in dataset.json (kind, weights hash, …)."""
-
-
-def _state_sha256(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class _TinyCausalLM(nn.Module):
@@ -79,7 +86,7 @@ class RandomTextEncoder:
                 self.model.pos.normal_(0.0, 0.02)
         finally:
             torch.random.set_rng_state(gen_state)
-        self._sha = _state_sha256(self.model)
+        self._sha = state_sha256(self.model)
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         """Captions → int64 ``(B, length)``: BOS, UTF-8 bytes + 1, EOS, then PAD (truncated to fit)."""
@@ -124,7 +131,7 @@ class CLIPTextEncoder:
         self.model = CLIPTextModel.from_pretrained(local).eval().requires_grad_(False).to(self.device)
         self.dim = int(self.model.config.hidden_size)
         self.source = storage.redact(source)
-        self._sha = _state_sha256(self.model)
+        self._sha = state_sha256(self.model)
 
     def _localize(self, source: str, storage_cfg: storage.StorageLike) -> str:
         fs, path = storage.filesystem(source, storage_cfg)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from typing import Any, Mapping, Optional
 
@@ -147,6 +148,44 @@ class Run:
         """A JSON/YAML-serializable object as an artifact (``.json`` or ``.yaml``)."""
         self.client.log_dict(self.run_id, obj, artifact_file)
 
+    def log_dataset(self, name: str, uri: str, digest: str, context: str, profile: Mapping[str, Any]) -> None:
+        """Record a dataset as an input of this run (MLflow lineage: the run's "Datasets" column):
+        ``uri`` where it lives, ``digest`` its fingerprint, ``context`` ("train", "source", "output",
+        "reference", …) and a small ``profile`` (counts, split, tokenizer). Nothing is uploaded."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=name, digest=digest[:36], source_type=uri.split("://", 1)[0] if "://" in uri else "local",
+                     source=json.dumps({"uri": redact(uri)}), profile=redact(json.dumps(dict(profile), default=str)))
+        self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+
+    def register_checkpoint(self, model_name: str, checkpoint: str, step: int, metadata: Mapping[str, Any],
+                            aliases: tuple[str, ...] = ()) -> str:
+        """Register the weights at ``checkpoint`` (a URL, left where it is: nothing is copied) as a new
+        version of registered model ``model_name``; returns the version.
+
+        The version's source is a small pointer artifact of this run (``model/checkpoint.json``: the URL,
+        the step and ``metadata``), so any tracking server accepts it; the URL and step are also version
+        tags, which :func:`resolve_model` reads. ``aliases`` (e.g. ``candidate``) are moved to it.
+        """
+        from mlflow.exceptions import MlflowException
+
+        pointer = {"checkpoint": redact(checkpoint), "step": int(step), **metadata}
+        self.client.log_dict(self.run_id, pointer, "model/checkpoint.json")
+        try:
+            self.client.create_registered_model(model_name, description="ENAT EMA weights (enat-pipeline)")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        tags = {"checkpoint": redact(checkpoint), "step": str(int(step))}
+        tags.update({k: redact(str(v))[:PARAM_VALUE_MAX] for k, v in flatten(dict(metadata)).items()})
+        mv = self.client.create_model_version(model_name, source=f"runs:/{self.run_id}/model", run_id=self.run_id,
+                                              tags=tags)
+        for alias in aliases:
+            self.client.set_registered_model_alias(model_name, alias, mv.version)
+        return str(mv.version)
+
     def end(self, status: str = "FINISHED") -> None:
         """End the run (``FINISHED``, ``FAILED`` or ``KILLED``) if this job owns it; a run it only logs
         into keeps its status. A second call does nothing."""
@@ -258,4 +297,62 @@ def run_exists(uri: Optional[str], run_id: str) -> bool:
     return run.info.lifecycle_stage != "deleted"
 
 
-__all__ = ["Run", "start_run", "tracking_uri", "flatten", "make_grid", "run_exists"]
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+def is_model_uri(value: str) -> bool:
+    return value.startswith("models:/")
+
+
+def resolve_model(uri: Optional[str], model_uri: str) -> dict[str, Any]:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` → {name, version, checkpoint (URL of the
+    weights), step, run_id (the training run)}. Raises ``ValueError`` naming what is missing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    m = _MODELS_URI.match(model_uri)
+    if m is None:
+        raise ValueError(f"model.checkpoint: {model_uri!r} is not models:/<name>/<version> or models:/<name>@<alias>")
+    client = mlflow.MlflowClient(tracking_uri(uri))
+    try:
+        mv = (client.get_model_version(m["name"], m["version"]) if m["version"]
+              else client.get_model_version_by_alias(m["name"], m["alias"]))
+    except MlflowException as e:
+        raise ValueError(f"model.checkpoint: {model_uri} not found in the model registry at "
+                         f"{redact(tracking_uri(uri))} ({e.error_code})") from None
+    if "checkpoint" not in mv.tags:
+        raise ValueError(f"model.checkpoint: {model_uri} (version {mv.version}) has no 'checkpoint' tag; it was "
+                         f"not registered by enat train")
+    return {"name": m["name"], "version": str(mv.version), "checkpoint": mv.tags["checkpoint"],
+            "step": int(mv.tags.get("step", 0)), "run_id": mv.run_id}
+
+
+def log_evaluation(uri: Optional[str], model: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+    """An evaluation of a registered model version (from :func:`resolve_model`): ``metrics`` go on the
+    training run at the checkpoint's step (so the UI plots FID against training step) and onto the
+    model version as tags."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(uri))
+    Run(client, model["run_id"], "", resumed=True, owns=False).log_metrics(metrics, step=model["step"])
+    for k, v in metrics.items():
+        if v is not None and math.isfinite(float(v)):
+            client.set_model_version_tag(model["name"], model["version"], k, str(v))
+
+
+def find_running_run(uri: Optional[str], experiment: str, tag: str, value: str) -> Optional[str]:
+    """The id of the newest RUNNING run in ``experiment`` whose tag ``tag`` equals ``value`` (a job that
+    died before it could record its run id elsewhere), else None."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(uri))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], f"tags.{tag} = '{value}' and attributes.status = 'RUNNING'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+__all__ = ["Run", "start_run", "tracking_uri", "flatten", "make_grid", "run_exists", "find_running_run",
+           "is_model_uri", "resolve_model", "log_evaluation"]

@@ -102,7 +102,7 @@ def moto_endpoint(tmp_path_factory):
 class S3Bucket:
     endpoint: str
     bucket: str
-    storage: "object"  # pipeline.config.StorageConfig
+    storage: "object"  # pipeline.sections.StorageConfig
     fs: "object"  # s3fs.S3FileSystem
 
     def url(self, *parts: str) -> str:
@@ -112,7 +112,7 @@ class S3Bucket:
 @pytest.fixture
 def s3_bucket(moto_endpoint) -> S3Bucket:
     """A fresh bucket on the moto server, with the StorageConfig and an s3fs client for it."""
-    from pipeline.config import StorageConfig
+    from pipeline.sections import StorageConfig
     from pipeline.storage import filesystem
 
     cfg = StorageConfig(endpoint_url=moto_endpoint)

@@ -47,7 +47,7 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path, make_folder, subprocess
     env = {k: v for k, v in subprocess_env.items() if not k.startswith("RAY_ENABLE_WINDOWS_OR_OSX")}
     out = tmp_path / "listeners.json"
     args = [f"source.root={data.root}", "image.resolution=16", "tokenizer.kind=patch",
-            f"tokenizer.weights={weights}", f"tokenize.out={tmp_path / 'tokens'}", "tokenize.progress=false",
+            f"tokenizer.weights={weights}", f"output.uri={tmp_path / 'tokens'}", "compute.progress=false",
             "ray.num_cpus=1"]
     proc = subprocess.run([sys.executable, "-c", _LISTENERS_SCRIPT, str(out), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -67,17 +67,18 @@ def test_relative_data_root_is_read_by_train_workers_in_another_cwd(ray_local, t
     driver_cwd.mkdir()
     write_shapes_dataset(str(driver_cwd / "tok"), n=40, per_shard=20)
     monkeypatch.chdir(driver_cwd)                                   # Ray's workers run elsewhere
-    result = main(["data.root=tok", "checkpoint.uri=ckpt", "model.preset=enat-s", "model.encoder_depth=1",
+    result = main(["data.root=tok", "output.uri=ckpt", "model.preset=enat-s", "model.encoder_depth=1",
                    "model.decoder_depth=1", "model.dim=32", "model.num_heads=2", "train.global_batch=8",
-                   "train.steps=2", "train.log_every=1", "deepspeed.precision=fp32", "scaling.num_workers=1",
-                   "scaling.max_failures=0", "checkpoint.every=2", "mlflow.system_metrics=false",
+                   "train.steps=2", "train.log_every=1", "deepspeed.precision=fp32", "compute.workers=1",
+                   "compute.max_failures=0", "output.checkpoint_every=2", "mlflow.system_metrics=false",
                    f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
     assert result.error is None, result.error
     assert (driver_cwd / "ckpt" / "enat" / "step_000000002" / "ema.pt").exists()
 
 
 def test_resolve_locations_marks_fields_not_names(tmp_path):
-    from pipeline.config import TokenizeJobConfig, absolute_location, load_config, resolve_locations
+    from pipeline.config import absolute_location, load_config, resolve_locations
+    from pipeline.tokenize import TokenizeJobConfig
 
     cwd = str(tmp_path)
     assert absolute_location("a/b", cwd) == f"{cwd}/a/b"
@@ -86,9 +87,9 @@ def test_resolve_locations_marks_fields_not_names(tmp_path):
     assert absolute_location("sqlite:////abs/m.db", cwd) == "sqlite:////abs/m.db"
     for url in ("s3://b/k", "gs://b/k", "memory://x", "http://127.0.0.1:5000", "/abs/x", ""):
         assert absolute_location(url, cwd) == url
-    cfg = load_config(TokenizeJobConfig, {"source": {"root": "s3://b/imgs"}, "tokenize": {"out": "tok"},
+    cfg = load_config(TokenizeJobConfig, {"source": {"root": "s3://b/imgs"}, "output": {"uri": "tok"},
                                           "tokenizer": {"weights": "w/vq.ckpt", "preset": "mage-f16"}})
     res = resolve_locations(cfg, cwd)
-    assert (res.tokenize.out, res.tokenizer.weights) == (f"{cwd}/tok", f"{cwd}/w/vq.ckpt")
+    assert (res.output.uri, res.tokenizer.weights) == (f"{cwd}/tok", f"{cwd}/w/vq.ckpt")
     assert res.tokenizer.preset == "mage-f16" and res.source.root == "s3://b/imgs"   # not a location / a URL
     assert resolve_locations(res, "/elsewhere") == res                               # idempotent

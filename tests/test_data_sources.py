@@ -1,4 +1,4 @@
-"""pipeline.sources and pipeline.images on real dataset layouts: ImageNet val as distributed (a flat
+"""pipeline.tokenize.sources and pipeline.images on real dataset layouts: ImageNet val as distributed (a flat
 folder + each label file users have), class alignment across splits, and U-ViT's COCO crop."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError
-from pipeline.sources import align_classes, list_image_folder
+from pipeline.tokenize.sources import align_classes, list_image_folder
 from tests.datasets import make_imagenet_like
 
 

@@ -1,4 +1,5 @@
-"""enat.fid against pytorch-fid's own outputs (tests/golden/make_fid_golden.py) and exact statistics."""
+"""enat.inception and enat.fid against pytorch-fid's own outputs (tests/golden/make_fid_golden.py)
+and exact statistics."""
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,9 @@ from tests.helpers import fid_recipe_state_dict
 import torch
 
 from enat import fid
-from enat.fid import (FeatureStats, FIDInception, ISStats, frechet_distance, inception_score, is_split_index,
-                      load_reference_stats, quantize_uint8)
+from enat.fid import (FeatureStats, ISStats, frechet_distance, inception_score, is_split_index,
+                      load_reference_stats)
+from enat.inception import FIDInception, quantize_uint8
 
 GOLDEN = Path(__file__).parent / "golden" / "fid_inception_small.pt"
 

@@ -57,7 +57,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_bf16_deepspeed_step_with_reuse_under_torchrun(tmp_path):
-    """`torchrun --nproc-per-node 1 -m jobs.train ... launcher=torchrun scaling.use_gpu=true
+    """`torchrun --nproc-per-node 1 -m jobs.train ... launcher=torchrun compute.gpus_per_worker=1
     deepspeed.precision=bf16 objective.reuse_prob=1.0`: every batch takes the reuse branch (the EMA's
     fp32 features feed the bf16 engine), the objective's random draws happen on the GPU, the EMA is saved."""
     pytest.importorskip("deepspeed")
@@ -70,10 +70,10 @@ def test_bf16_deepspeed_step_with_reuse_under_torchrun(tmp_path):
     steps = 4
     args = ["model.preset=enat-s", "model.encoder_depth=2", "model.decoder_depth=1", "model.dim=64",
             "model.num_heads=4", "optim.warmup_steps=1", "train.global_batch=16", f"train.steps={steps}",
-            "train.log_every=2", "train.ema_rate=0.9", f"checkpoint.every={steps}", "scaling.num_workers=1",
-            f"data.root={root}", "launcher=torchrun", f"scaling.use_gpu={str(DEVICE != 'cpu').lower()}",
+            "train.log_every=2", "train.ema_rate=0.9", f"output.checkpoint_every={steps}", "compute.workers=1",
+            f"data.root={root}", "launcher=torchrun", f"compute.gpus_per_worker={int(DEVICE != 'cpu')}",
             "deepspeed.precision=bf16", "deepspeed.zero_stage=1", "objective.reuse_prob=1.0",
-            f"checkpoint.uri={tmp_path / 'ckpt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
+            f"output.uri={tmp_path / 'ckpt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
             "mlflow.system_metrics=false"]
     env = {**os.environ, **service_env(), "DS_ACCELERATOR": "cpu" if DEVICE == "cpu" else "cuda",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -155,7 +155,7 @@ def test_vqgan_on_device_matches_cpu():
 
 
 def _inception():
-    from enat.fid import FIDInception
+    from enat.inception import FIDInception
 
     layout = [(k, tuple(v.shape)) for k, v in FIDInception().state_dict().items()]
     return FIDInception.from_pytorch_fid(fid_recipe_state_dict(layout, 0))
@@ -179,21 +179,22 @@ def test_fid_inception_on_device_matches_cpu():
 
 
 def test_sample_unit_runner_on_device(tmp_path):
-    """pipeline.sampling.UnitRunner (what every sample actor runs) on the device: generate → decode →
+    """pipeline.sample.UnitRunner (what every sample actor runs) on the device: generate → decode →
     Inception → write → commit; the images agree with a CPU run of the same unit (deterministic sampler)."""
     from enat.patch_vq import PatchVQ
-    from pipeline import sampling
+    from pipeline import sample
+    from pipeline.commits import PARTS_DIR
 
     cfg = tiny_config(codebook_size=32, num_classes=4)
     codebook = torch.rand(32, 3 * 8 * 8, generator=torch.Generator().manual_seed(2))
     sampler = enat.SamplerConfig(mask_temp=0.0, sample_temp=0.0)
-    unit = sampling.make_units(8, 8, 0, np.arange(8) % 4)[0]
+    unit = sample.make_units(8, 8, 0, np.arange(8) % 4)[0]
 
     def run(device: str, out: Path) -> tuple[dict, np.ndarray]:
-        runner = sampling.UnitRunner(random_model(cfg, seed=1, std=0.1).to(device),
+        runner = sample.UnitRunner(random_model(cfg, seed=1, std=0.1).to(device),
                                      PatchVQ(32, 8, codebook=codebook).to(device), _inception().to(device),
                                      sampler, str(out), batch_size=4, is_total=8, is_splits=2,
-                                     output=sampling.OutputSection(uri=str(out), grid=0), png_threads=1)
+                                     output=sample.OutputSection(uri=str(out), grid=0), png_threads=1)
         assert runner.device.type == torch.device(device).type
         with strict_fp32():
             rec = runner.run(unit, "gpu-test")
@@ -202,7 +203,7 @@ def test_sample_unit_runner_on_device(tmp_path):
         return rec, np.load(io.BytesIO((out / npz).read_bytes()))["arr_0"]
 
     rec, images = run(DEVICE, tmp_path / "dev")
-    assert (tmp_path / "dev" / sampling.PARTS_DIR / f"{unit.unit:06d}.json").exists()
+    assert (tmp_path / "dev" / PARTS_DIR / f"{unit.unit:06d}.json").exists()
     assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8
     assert all(v >= 0 for v in rec["seconds"].values())
     stats = [k for k in rec["files"] if k.startswith("stats")]

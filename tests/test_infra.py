@@ -8,9 +8,10 @@ import pytest
 import ray
 import yaml
 
-from pipeline.config import TokenizeJobConfig, load_config
-from pipeline.sampling import SampleJobConfig
-from pipeline.training import TrainJobConfig, deepspeed_config
+from pipeline.config import load_config
+from pipeline.sample import SampleJobConfig
+from pipeline.tokenize import TokenizeJobConfig
+from pipeline.train import TrainJobConfig, deepspeed_config
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 JOBS = {"tokenize": TokenizeJobConfig, "train": TrainJobConfig, "sample": SampleJobConfig}
@@ -21,20 +22,20 @@ def test_job_configs_load_with_their_job(path):
     cls = JOBS[path.name.split("-")[0]]
     cfg = load_config(cls, path)                           # unknown / ill-typed fields fail here
     if cls is TrainJobConfig:
-        assert cfg.deepspeed.precision == "bf16" and cfg.scaling.use_gpu
+        assert cfg.deepspeed.precision == "bf16" and cfg.compute.gpus_per_worker == 1
 
 
 def test_paper_recipe_in_the_enat_l_train_config():
     cfg = load_config(TrainJobConfig, INFRA / "configs" / "train-imagenet256-enat-l.yaml")
     assert (cfg.train.global_batch, cfg.optim.lr, cfg.train.steps, cfg.optim.betas) == (2048, 4e-4, 500_000, (0.99, 0.99))
-    assert cfg.train.global_batch // cfg.scaling.num_workers == 128
+    assert cfg.train.global_batch // cfg.compute.workers == 128
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_json_matches_the_generator(stage):
     ds = json.loads((INFRA / "deepspeed" / f"zero{stage}-bf16.json").read_text())
     cfg = load_config(TrainJobConfig, {"data": {"root": "x"}},
-                      [f"deepspeed.zero_stage={stage}", "scaling.num_workers=16", "deepspeed.micro_batch=128"])
+                      [f"deepspeed.zero_stage={stage}", "compute.workers=16", "deepspeed.micro_batch=128"])
     assert ds == deepspeed_config(cfg)
 
 
@@ -125,17 +126,11 @@ def launcher_nodes(c: dict) -> list[dict[str, float]]:
 
 def job_bundles(cfg) -> list[dict[str, float]]:
     """The resources a job holds at once: one bundle per actor / Ray Train worker (+ one decode task)."""
-    if isinstance(cfg, TokenizeJobConfig):
-        t = cfg.tokenize
-        bundles = [{"CPU": t.actor_num_cpus, "GPU": t.actor_num_gpus}] * t.encode_actors
-        if t.decode_on == "tasks" or (t.decode_on == "auto" and t.actor_num_gpus > 0):
-            bundles.append({"CPU": t.decode_num_cpus, "GPU": 0.0})  # at least one decode task must run
-        return bundles
-    if isinstance(cfg, TrainJobConfig):
-        s = cfg.scaling
-        return [{"CPU": s.cpus_per_worker, "GPU": 1.0 if s.use_gpu else 0.0}] * s.num_workers
     c = cfg.compute
-    return [{"CPU": c.actor_num_cpus, "GPU": c.actor_num_gpus}] * c.actors
+    bundles = [{"CPU": c.cpus_per_worker, "GPU": c.gpus_per_worker}] * c.workers
+    if isinstance(cfg, TokenizeJobConfig) and (c.decode_on == "tasks" or (c.decode_on == "auto" and c.gpus_per_worker)):
+        bundles.append({"CPU": c.decode_cpus, "GPU": 0.0})  # at least one decode task must run
+    return bundles
 
 
 def unplaced(bundles, nodes) -> list[dict[str, float]]:
@@ -164,7 +159,7 @@ def test_rayjob_config_fits_its_cluster(path):
     nodes = kuberay_nodes(doc["spec"]["rayClusterSpec"])
     left = unplaced(job_bundles(cfg), nodes)
     assert not left, (f"{path.name}: {cfg_path.name} holds {job_bundles(cfg)}; {left} do not fit on the nodes "
-                      f"{nodes}: raise the worker group's replicas or lower the config's actors / workers")
+                      f"{nodes}: raise the worker group's replicas or lower the config's compute.workers")
 
 
 @pytest.mark.parametrize("cluster", ["kuberay/raycluster.yaml", "cluster/aws-gpu.yaml"])
@@ -188,7 +183,7 @@ def test_512_configs_carry_the_paper_settings():
     assert tok.image.resolution == 512 and tok.tokenizer.preset == "mage-f16" and tok.tokenize.flips == "train"
     train = _load_job_config(INFRA / "configs" / "train-imagenet512-enat-l.yaml")
     assert (train.model.preset, train.optim.lr, train.train.global_batch) == ("enat-l-512", 1e-4, 512)
-    assert train.data.root == tok.tokenize.out                      # trains on what the tokenizer wrote
+    assert train.data.root == tok.output.uri                      # trains on what the tokenizer wrote
     sample = _load_job_config(INFRA / "configs" / "sample-imagenet512-enat-l.yaml")
     s = sample.sampler.resolve()
     assert (s.steps, s.cfg_scale, s.mask_temp, s.sample_temp) == (8, 3.5, 1.5, 4.0)   # enat-facts §6

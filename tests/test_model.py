@@ -298,7 +298,7 @@ def test_graph_structure_independent_of_token_counts():
 
 
 def test_onednn_cpu_gemm_matches_default_blas():
-    from enat.model import _ONEDNN, set_cpu_gemm
+    from enat.layers import _ONEDNN, set_cpu_gemm
     if not _ONEDNN:
         pytest.skip("torch built without oneDNN")
     cfg = tiny_config(dim=64, num_heads=4)

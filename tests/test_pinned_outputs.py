@@ -67,7 +67,7 @@ def _run(module: str, cfg: dict, tmp_path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def outputs(ray_local, tmp_path_factory) -> dict[str, str]:
-    from enat.fid import FIDInception
+    from enat import FIDInception
     from enat.patch_vq import PatchVQ
 
     d = tmp_path_factory.mktemp("pinned")
@@ -81,8 +81,8 @@ def outputs(ray_local, tmp_path_factory) -> dict[str, str]:
     _run("tokenize", {
         "source": {"kind": "imagefolder", "root": str(d / "images"), "splits": ["train"]},
         "image": {"resolution": 32}, "tokenizer": {"kind": "patch", "weights": str(d / "patch_vq.pt")},
-        "tokenize": {"out": str(tokens), "samples_per_shard": 4, "rows_per_entry": 3, "batch_size": 4,
-                     "progress": False}}, d)
+        "tokenize": {"samples_per_shard": 4, "rows_per_entry": 3, "batch_size": 4},
+        "output": {"uri": str(tokens)}, "compute": {"progress": False}}, d)
     samples = d / "samples"
     _run("sample", {
         "model": {"checkpoint": str(d / "enat.pt"), "preset": "enat-s", "encoder_depth": 2, "decoder_depth": 1,
@@ -91,12 +91,12 @@ def outputs(ray_local, tmp_path_factory) -> dict[str, str]:
         "plan": {"num_samples": 10, "unit_size": 6, "batch_size": 4, "seed": 3},
         "inception": {"weights": str(d / "inception.pt")}, "fid": {"is_splits": 2},
         "output": {"uri": str(samples), "grid": 4},
-        "compute": {"actors": 1, "progress": False}, "mlflow": {"enabled": False}}, d)
+        "compute": {"workers": 1, "progress": False}, "mlflow": {"enabled": False}}, d)
     real = d / "real"
     _run("fid_stats", {
         "source": {"kind": "folder", "root": str(d / "images"), "resolution": 32, "unit_size": 4, "batch_size": 3},
-        "inception": {"weights": str(d / "inception.pt")}, "output": str(real),
-        "compute": {"actors": 1, "progress": False}}, d)
+        "inception": {"weights": str(d / "inception.pt")}, "output": {"uri": str(real)},
+        "compute": {"workers": 1, "progress": False}}, d)
     got = {f"tokens/train/{p.name}": _sha(p) for p in sorted((tokens / "train").glob("*.tar"))}
     for rel in ("images/000000.tar", "npz/000000.npz", "stats/000000.npz", "stats/000001.npz", "fid_stats.npz",
                 "grid.png"):

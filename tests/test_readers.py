@@ -3,7 +3,6 @@ streaming reader's sharding (every sample once across 2 ranks x 2 workers), mode
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,8 +16,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import shards, storage
-from pipeline.config import ReaderConfig
-from pipeline.readers import InMemoryReader, StreamingReader, make_reader
+from pipeline.commits import sha256
+from pipeline.readers import InMemoryReader, ReaderConfig, make_reader
+from pipeline.streaming import StreamingReader
 
 L, K = 16, 10  # tokens per row, classes
 
@@ -45,7 +45,7 @@ def write_dataset(root: str, split: str = "train", n: int = 50, per_shard: int =
         name = f"{split}-{s:06d}.tar"
         storage.put_atomic(fs, f"{path}/{split}/{name}", data)
         recs.append({"name": name, "shard": s, "samples": len(part), "rows": len(part) * (1 + flips),
-                     "bytes": len(data), "sha256": shards.sha256(data), "first_key": part.keys[0],
+                     "bytes": len(data), "sha256": sha256(data), "first_key": part.keys[0],
                      "last_key": part.keys[-1]})
     shards.write_manifest(fs, f"{path}/{split}/manifest.parquet", recs)
     ds = {"seq_len": L, "num_classes": 0 if text else K, "splits": {split: {"flips": flips, "samples": n}},
@@ -143,8 +143,8 @@ def test_memory_reader_rejects_corrupt_shard(dataset):
 
 _RANK_SCRIPT = textwrap.dedent("""
     import json, sys
-    from pipeline.config import StorageConfig
-    from pipeline.readers import StreamingReader
+    from pipeline.sections import StorageConfig
+    from pipeline.streaming import StreamingReader
     rank = int(sys.argv[1])
     rd = StreamingReader({root!r}, "train", batch_size=3, rank=rank, world_size=2, num_workers=2, seed=3,
                          shuffle_buffer=8, storage_cfg=StorageConfig(endpoint_url={endpoint!r}))

@@ -1,10 +1,10 @@
 """Every YAML in infra/configs/ runs end to end on CPU, as a user of the paper's setup runs it.
 
-Only sizes are overridden (resolution, model dims, steps, batch and sample counts, actors / workers,
-`use_gpu=false`) and locations are pointed at the test services (the S3 test server, the mlflow server);
+Only sizes are overridden (resolution, model dims, steps, batch and sample counts, workers, GPUs per
+worker = 0) and locations are pointed at the test services (the S3 test server, the mlflow server);
 everything else the config names stays as written: bf16, the ZeRO stage, the VQGAN tokenizer (random
 weights, MAGE f16 architecture, at 64 / 128 px), flips, label / caption drop, the sampler preset, the
-decode dtype. `test_overrides_only_change_sizes_and_locations` holds the overrides to that rule.
+decode precision. `test_overrides_only_change_sizes_and_locations` holds the overrides to that rule.
 
 The configs chain as they do on a cluster: tokenize → train on those tokens → sample the trained EMA.
 ImageNet is laid out as ILSVRC2012 ships (class folders for train, a flat val/ with LOC_val_solution.csv),
@@ -27,20 +27,18 @@ CONFIGS = REPO / "infra" / "configs"
 
 # What the test may change: sizes, devices, and where things are. Anything else must stay as configured.
 SIZE_KEYS = {
-    "image.resolution", "tokenize.samples_per_shard", "tokenize.batch_size", "tokenize.encode_actors",
-    "tokenize.actor_num_gpus", "tokenize.rows_per_entry", "tokenize.progress",
+    "image.resolution", "tokenize.samples_per_shard", "tokenize.batch_size", "tokenize.rows_per_entry",
+    "compute.workers", "compute.gpus_per_worker", "compute.cpus_per_worker", "compute.max_failures",
+    "compute.png_threads", "compute.progress",
     "model.encoder_depth", "model.decoder_depth", "model.dim", "model.num_heads",
-    "train.global_batch", "train.steps", "train.log_every", "optim.warmup_steps",
-    "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.max_failures",
-    "checkpoint.every", "mlflow.system_metrics", "mlflow.grid_classes", "data.batches_per_epoch", "data.num_workers",
+    "train.global_batch", "train.steps", "train.log_every", "optim.warmup_steps", "output.checkpoint_every",
+    "mlflow.system_metrics", "mlflow.grid_classes", "data.batches_per_epoch", "data.num_workers",
     "data.shuffle_buffer", "plan.num_samples", "plan.unit_size", "plan.batch_size", "output.grid",
-    "compute.actors", "compute.actor_num_gpus", "compute.actor_num_cpus", "compute.png_threads",
-    "compute.progress", "inception.batch_size", "fid.is_splits",
+    "inception.batch_size", "fid.is_splits",
 }
 LOCATION_KEYS = {
-    "source.root", "tokenize.out", "tokenizer.weights", "text.weights", "storage.endpoint_url", "data.root",
-    "checkpoint.uri", "mlflow.tracking_uri", "model.checkpoint", "inception.weights", "fid.reference",
-    "output.uri",
+    "source.root", "output.uri", "tokenizer.weights", "text.weights", "storage.endpoint_url", "data.root",
+    "mlflow.tracking_uri", "model.checkpoint", "inception.weights", "fid.reference",
 }
 TINY_MODEL = ["model.encoder_depth=1", "model.decoder_depth=1", "model.dim=32", "model.num_heads=2"]
 STAGES = {"tokenize": ("tokenize-",), "train": ("train-",), "sample": ("sample-",)}
@@ -64,10 +62,10 @@ _RUNS: dict[str, list[str]] = {}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, moto_endpoint, mlflow_server, ray_local):
     """One bucket with ImageNet-like and COCO data, a tiny CLIP, Inception weights and FID references."""
-    from pipeline.config import StorageConfig
+    from pipeline.sections import StorageConfig
     from pipeline.storage import filesystem
     from tests.test_tokenize_job import _tiny_clip
-    from enat.fid import FIDInception
+    from enat import FIDInception
 
     import uuid
     bucket = f"real-{uuid.uuid4().hex[:10]}"
@@ -112,10 +110,10 @@ def _tokenize_overrides(world, name: str) -> list[str]:
     cfg = _config(name)
     res = 128 if cfg["image"]["resolution"] == 512 else 64     # the same f16 grid ratio, at CPU size
     src = "coco" if cfg["source"]["kind"] == "coco" else "imagenet"
-    over = [f"source.root={world['url'](src)}", f"tokenize.out={world['url']('tokens', name[:-5])}",
+    over = [f"source.root={world['url'](src)}", f"output.uri={world['url']('tokens', name[:-5])}",
             f"storage.endpoint_url={world['endpoint']}", "tokenizer.weights=null", f"image.resolution={res}",
-            "tokenize.samples_per_shard=4", "tokenize.batch_size=4", "tokenize.encode_actors=1",
-            "tokenize.actor_num_gpus=0", "tokenize.progress=false"]
+            "tokenize.samples_per_shard=4", "tokenize.batch_size=4", "compute.workers=1",
+            "compute.gpus_per_worker=0", "compute.progress=false"]
     if cfg.get("text"):
         over.append(f"text.weights={world['url']('weights', 'clip')}")
     return over
@@ -156,7 +154,7 @@ def _tokens_for(train_cfg: dict, tokenized: dict) -> str:
     """The test's copy of the tokens the train config reads: the tokenize config writing the same URL."""
     want = train_cfg["data"]["root"].rstrip("/")
     for name, (root, _) in tokenized.items():
-        if _config(name)["tokenize"]["out"].rstrip("/") == want:
+        if _config(name)["output"]["uri"].rstrip("/") == want:
             return root
     raise AssertionError(f"no tokenize config writes {want}")
 
@@ -168,9 +166,9 @@ def trained(world, tokenized):
         cfg = _config(name)
         root = _tokens_for(cfg, tokenized)
         over = [f"data.root={root}", f"storage.endpoint_url={world['endpoint']}", *TINY_MODEL,
-                "train.global_batch=4", "train.steps=2", "train.log_every=1", "scaling.num_workers=1",
-                "scaling.use_gpu=false", "scaling.cpus_per_worker=1", "scaling.max_failures=0",
-                f"checkpoint.uri={world['url']('ckpt')}", "checkpoint.every=2",
+                "train.global_batch=4", "train.steps=2", "train.log_every=1", "compute.workers=1",
+                "compute.gpus_per_worker=0", "compute.cpus_per_worker=1", "compute.max_failures=0",
+                f"output.uri={world['url']('ckpt')}", "output.checkpoint_every=2",
                 f"mlflow.tracking_uri={world['mlflow']}", "mlflow.system_metrics=false", "mlflow.grid_classes=[0]"]
         if cfg["data"].get("kind") == "stream":
             over += ["data.batches_per_epoch=2", "data.num_workers=1", "data.shuffle_buffer=4"]
@@ -214,8 +212,8 @@ def sampled(world, trained):
                 "tokenizer.weights=null", f"inception.weights={world['url']('weights', 'inception.pt')}",
                 f"fid.reference={world['url']('weights', 'fid_stats.npz')}",
                 f"output.uri={world['url']('samples', name[:-5])}", "plan.num_samples=6", "plan.unit_size=3",
-                "plan.batch_size=3", "fid.is_splits=2", "output.grid=6", "compute.actors=1", "compute.actor_num_gpus=0",
-                "compute.actor_num_cpus=1", "compute.png_threads=1", "compute.progress=false",
+                "plan.batch_size=3", "fid.is_splits=2", "output.grid=6", "compute.workers=1", "compute.gpus_per_worker=0",
+                "compute.cpus_per_worker=1", "compute.png_threads=1", "compute.progress=false",
                 f"mlflow.tracking_uri={world['mlflow']}"]
         out[name] = _run("sample", name, over)
     return out
@@ -228,8 +226,8 @@ def test_sample_configs(sampled, world):
         assert np.isfinite(summary["fid"]) and np.isfinite(summary["is"]), summary
         plan = json.loads(world["fs"].cat_file(f"{world['bucket']}/samples/{name[:-5]}/plan.json"))
         sampler = plan["config"]["sampler"]
-        assert sampler["preset"] == cfg["sampler"]["preset"] and sampler["dtype"] == cfg["sampler"]["dtype"]
-        assert plan["config"]["compute"]["decode_dtype"] == cfg["compute"]["decode_dtype"]
+        assert sampler["preset"] == cfg["sampler"]["preset"] and sampler["precision"] == cfg["sampler"]["precision"]
+        assert plan["config"]["tokenizer"]["precision"] == cfg["tokenizer"]["precision"] == "fp16"
 
 
 def test_overrides_only_change_sizes_and_locations(sampled):

@@ -25,10 +25,12 @@ import yaml
 from PIL import Image
 
 import enat
-from enat.fid import FeatureStats, FIDInception, ISStats, inception_score
-from pipeline import sampling
+from enat import FeatureStats, FIDInception, ISStats, inception_score
+from pipeline import sample
+from pipeline.commits import unit_seed
 from pipeline.config import ConfigError, load_config
-from pipeline.sampling import SampleJobConfig
+from pipeline.models import device_dtype
+from pipeline.sample import FidStatsJobConfig, SampleJobConfig
 from tests.helpers import fid_recipe_state_dict, kill_after_commits, random_model, tiny_config
 
 N, CLASSES, UNIT, BATCH = 32, 4, 6, 4  # 6 units (the last holds 2), 2 batches per unit
@@ -73,7 +75,7 @@ def _job_config(assets: Path, out: Path, **over) -> dict:
            "plan": {"num_samples": N, "unit_size": UNIT, "batch_size": BATCH, "seed": 7},
            "inception": {"weights": str(assets / "inception.pt")},
            "output": {"uri": str(out), "features": True, "grid": 8},
-           "compute": {"actors": 2, "actor_num_cpus": 1, "png_threads": 2, "progress": False},
+           "compute": {"workers": 2, "cpus_per_worker": 1, "png_threads": 2, "progress": False},
            "mlflow": {"enabled": False}}
     for k, v in over.items():
         sec, name = k.split("__")
@@ -119,7 +121,7 @@ def test_merge_is_exact_and_matches_single_pass_and_scipy():
         f = FeatureStats.empty(d).update(x[a:b])
         s = ISStats.empty(n, 10).update(torch.from_numpy(logits[a:b]), a)
         parts.append((f, s))
-    merged, is_merged = sampling.merge_stats(reversed(parts))  # any order: sums
+    merged, is_merged = sample.merge_stats(reversed(parts))  # any order: sums
     single = FeatureStats.empty(d).update(x)
     assert merged.n == single.n == n
     mu, sigma = merged.mean_cov()
@@ -131,38 +133,38 @@ def test_merge_is_exact_and_matches_single_pass_and_scipy():
     covmean = scipy.linalg.sqrtm(s_x @ sigma_y).real
     ref = float(((x.mean(0) - mu_y) ** 2).sum() + np.trace(s_x) + np.trace(sigma_y) - 2 * np.trace(covmean))
     for method in ("eigvals", "sqrtm"):
-        fid_merged = sampling.fid_from_stats(mu, sigma, mu_y, sigma_y, method)
-        fid_single = sampling.fid_from_stats(*single.mean_cov(), mu_y, sigma_y, method)
+        fid_merged = enat.frechet_distance(mu, sigma, mu_y, sigma_y, method=method)
+        fid_single = enat.frechet_distance(*single.mean_cov(), mu_y, sigma_y, method=method)
         assert fid_merged == pytest.approx(fid_single, rel=1e-10)
         assert fid_merged == pytest.approx(ref, rel=1e-8)
     assert is_merged.score() == pytest.approx(inception_score(logits, 10), rel=1e-10)
     # the per-unit file round trip is exact
-    f2, s2 = sampling.stats_from_npz(sampling.stats_npz_bytes(*parts[2]))
+    f2, s2 = sample.stats_from_npz(sample.stats_npz_bytes(*parts[2]))
     assert f2.n == parts[2][0].n and torch.equal(f2.outer, parts[2][0].outer)
     assert torch.equal(s2.p_sum, parts[2][1].p_sum)
 
 
 def test_plan_is_balanced_and_independent_of_workers(tmp_path, assets):
-    labels = sampling.balanced_labels(50_000, 1000)
+    labels = sample.balanced_labels(50_000, 1000)
     assert np.array_equal(labels, np.arange(1000).repeat(50))  # as official
-    units = sampling.make_units(N, UNIT, 7, sampling.balanced_labels(N, CLASSES))
+    units = sample.make_units(N, UNIT, 7, sample.balanced_labels(N, CLASSES))
     assert [u.count for u in units] == [6, 6, 6, 6, 6, 2]
     flat = [lab for u in units for lab in u.labels]
     assert np.bincount(flat).tolist() == [N // CLASSES] * CLASSES
     # a unit's seed is a function of (seed, unit) only; distinct per unit and per seed
-    assert [u.seed for u in units] == [sampling.unit_seed(7, u) for u in range(6)]
-    assert len({u.seed for u in units}) == 6 and sampling.unit_seed(8, 0) != units[0].seed
-    assert sampling.Unit.from_row(units[3].row("fp")) == units[3]
+    assert [u.seed for u in units] == [unit_seed(7, u) for u in range(6)]
+    assert len({u.seed for u in units}) == 6 and unit_seed(8, 0) != units[0].seed
+    assert sample.Unit.from_row(units[3].row("fp")) == units[3]
     with pytest.raises(ConfigError, match="plan.num_samples: 30 is not a multiple of the model's 4 classes"):
-        sampling.balanced_labels(30, CLASSES)
-    u1, u2 = sampling.uniform_labels(100, 10, 1), sampling.uniform_labels(100, 10, 1)
+        sample.balanced_labels(30, CLASSES)
+    u1, u2 = sample.uniform_labels(100, 10, 1), sample.uniform_labels(100, 10, 1)
     assert np.array_equal(u1, u2) and len(set(u1.tolist())) > 5
-    prompts = sampling.read_prompts(json.dumps({"images": [{"id": 9}, {"id": 2}, {"id": 5}], "annotations": [
+    prompts = sample.read_prompts(json.dumps({"images": [{"id": 9}, {"id": 2}, {"id": 5}], "annotations": [
         {"image_id": 9, "caption": "a"}, {"image_id": 2, "caption": "b"}, {"image_id": 9, "caption": "c"}]}).encode(),
         "captions_val2014.json")
     assert prompts == [["b"], ["a", "c"]]  # by image id; an image without captions is dropped
-    caps = sampling.caption_plan(prompts, 5, 0)
-    assert caps == sampling.caption_plan(prompts, 5, 0) and set(caps) <= {"a", "b", "c"} and "b" in caps
+    caps = sample.caption_plan(prompts, 5, 0)
+    assert caps == sample.caption_plan(prompts, 5, 0) and set(caps) <= {"a", "b", "c"} and "b" in caps
     # config errors name the field, before any work
     with pytest.raises(ConfigError, match="output.uri"):
         load_config(SampleJobConfig, {"model": {"checkpoint": "x.pt"}})
@@ -171,7 +173,7 @@ def test_plan_is_balanced_and_independent_of_workers(tmp_path, assets):
     with pytest.raises(ConfigError, match="plan.unknown"):
         load_config(SampleJobConfig, _job_config(assets, tmp_path), ["plan.unknown=3"])
     with pytest.raises(ConfigError, match="model.preset"):
-        sampling.build_plan(load_config(SampleJobConfig, _job_config(assets, tmp_path, model__preset=None)))
+        sample.build_plan(load_config(SampleJobConfig, _job_config(assets, tmp_path, model__preset=None)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlfl
     ref = json.loads((out / "reference" / "manifest.json").read_text())["results"]
     assert ref["n"] == 12 and ref["rejected"] == 1 and ref["rejected_by_reason"] == {"not-an-image": 1}
     assert res["reference"]["computed"] and res["reference"]["sha256"] == ref["sha256"]
-    ref_mu, ref_sigma = enat.fid.load_reference_stats(str(out / "reference" / "fid_stats.npz"))
+    ref_mu, ref_sigma = enat.load_reference_stats(str(out / "reference" / "fid_stats.npz"))
     per_class = N // CLASSES
     assert (res["num_labels"], res["label_counts_min"], res["label_counts_max"]) == (CLASSES, per_class, per_class)
 
@@ -266,7 +268,7 @@ def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlfl
 
     # 2) the same plan with 1 actor, killed after two units are committed, then rerun with 2 actors
     killed = tmp_path / "killed"
-    kcfg = _job_config(assets, killed, compute__actors=1, compute__throttle_s=0.5, ray__num_cpus=2,
+    kcfg = _job_config(assets, killed, compute__workers=1, compute__throttle_s=0.5, ray__num_cpus=2,
                        ray__object_store_memory=100 * 2**20)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(kcfg))
@@ -281,7 +283,7 @@ def test_sample_job_fid_mlflow_and_kill_resume(ray_local, assets, tmp_path, mlfl
     assert 2 <= n_committed < 6, n_committed
     assert not (killed / "manifest.json").exists()  # readers see no sample set yet
 
-    res2 = _run({**kcfg, "compute": {**kcfg["compute"], "actors": 2, "throttle_s": 0.0}, "ray": {}}, tmp_path)
+    res2 = _run({**kcfg, "compute": {**kcfg["compute"], "workers": 2, "throttle_s": 0.0}, "ray": {}}, tmp_path)
     assert res2["units_skipped"] >= n_committed and res2["units_run"] == 6 - res2["units_skipped"]
     assert res2["num_samples"] == N and res2["fid"] is None and "no reference" in res2["fid_unavailable"]
     assert res2["is"] == pytest.approx(res["is"], rel=1e-12)
@@ -323,7 +325,7 @@ def test_text_model_captions_on_s3_without_inception(ray_local, assets, tmp_path
     cfg = _job_config(assets, tmp_path, plan__num_samples=6, plan__captions=s3_bucket.url("prompts.txt"),
                       plan__unit_size=4, text__kind="random", text__dim=16, text__length=8, text__seed=5,
                       inception__weights=None, output__uri=out, output__features=False, output__grid=4,
-                      compute__actors=1, storage__endpoint_url=s3_bucket.endpoint)
+                      compute__workers=1, storage__endpoint_url=s3_bucket.endpoint)
     cfg["model"] = {"checkpoint": f"s3://{ckpt}/ema.pt"}  # preset null: config.json
     res = _run(cfg, tmp_path)
     assert res["num_samples"] == 6 and res["fid"] is None and res["is"] is None
@@ -348,10 +350,10 @@ def test_text_model_captions_on_s3_without_inception(ray_local, assets, tmp_path
 
     stats = fid_stats_main([f"source.root={out}/images", "source.kind=webdataset", "source.resolution=32",
                             "source.batch_size=4", f"inception.weights={assets / 'inception.pt'}",
-                            f"output={tmp_path / 'stats'}", f"storage.endpoint_url={s3_bucket.endpoint}",
+                            f"output.uri={tmp_path / 'stats'}", f"storage.endpoint_url={s3_bucket.endpoint}",
                             "compute.progress=false"])
     assert stats["n"] == 6 and stats["units"] == 2 and stats["rejected"] == 0
-    mu, sigma = enat.fid.load_reference_stats(str(tmp_path / "stats" / "fid_stats.npz"))
+    mu, sigma = enat.load_reference_stats(str(tmp_path / "stats" / "fid_stats.npz"))
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.allclose(sigma, sigma.T)
 
 
@@ -397,12 +399,56 @@ def test_documented_example_config_loads():
 
     import jobs.sample
 
-    block = jobs.sample.__doc__.split("every field is in pipeline.sampling)::", 1)[1]
+    block = jobs.sample.__doc__.split("every field is in pipeline.sample.config)::", 1)[1]
     cfg = load_config(SampleJobConfig, yaml.safe_load(textwrap.dedent(block)))
-    assert cfg.plan.num_samples == 50_000 and cfg.compute.actors == 8 and cfg.sampler.resolve().cfg_scale == 2.5
-    for name in sampling.SAMPLE_PRESETS:
+    assert cfg.plan.num_samples == 50_000 and cfg.compute.workers == 8 and cfg.sampler.resolve().cfg_scale == 2.5
+    for name in SampleJobConfig.PRESETS:
         cfg = jobs.sample.parse_args(["--preset", name, "model.checkpoint=x.pt", "output.uri=out"])
         assert cfg.model.preset and cfg.plan.num_samples in (50_000, 30_000)
+
+
+def test_presets_parse():
+    """`--preset` starts from the paper's protocols; the command line still overrides them."""
+    import jobs.sample
+
+    cfg = jobs.sample.parse_args(["--preset", "imagenet-256", "model.checkpoint=x.pt", "output.uri=out",
+                                  "compute.workers=8", "sampler.precision=bf16"])
+    assert (cfg.model.preset, cfg.sampler.preset, cfg.plan.batch_size) == ("enat-l", "imagenet-256", 125)
+    assert cfg.compute.workers == 8 and cfg.sampler.resolve().dtype == "bfloat16"
+    cfg = jobs.sample.parse_args(["--preset", "coco-256", "model.checkpoint=x.pt", "output.uri=out"])
+    assert (cfg.model.preset, cfg.text.kind, cfg.plan.num_samples) == ("enat-b-coco", "clip", 30_000)
+
+
+def test_old_keys_are_rejected_naming_the_new_ones(tmp_path, assets):
+    """Renamed keys (issue 12) are refused on the command line and in YAML, naming the new key; the torch
+    spellings of a precision are refused with the new one; fid-stats' `output` is a section now."""
+    import jobs.fid_stats
+    import jobs.sample
+
+    base = ["model.checkpoint=x.pt", "output.uri=out"]
+    with pytest.raises(ConfigError, match="compute.actors: renamed to compute.workers"):
+        jobs.sample.parse_args([*base, "compute.actors=2"])
+    path = tmp_path / "old.yaml"
+    old = _job_config(assets, tmp_path)
+    old["compute"] = {"actors": 2}
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="compute.actors: renamed to compute.workers"):
+        jobs.sample.parse_args(["--config", str(path)])
+    for old_key, new_key, value in [("compute.actor_num_gpus", "compute.gpus_per_worker", "1"),
+                                    ("compute.decode_dtype", "tokenizer.precision", "float16"),
+                                    ("sampler.dtype", "sampler.precision", "bfloat16"),
+                                    ("inception.dtype", "inception.precision", "float32")]:
+        with pytest.raises(ConfigError, match=f"{old_key}: renamed to {new_key}"):
+            jobs.sample.parse_args([*base, f"{old_key}={value}"])
+    with pytest.raises(ConfigError, match="sampler.precision: 'bfloat16' is spelled 'bf16'"):
+        jobs.sample.parse_args([*base, "sampler.precision=bfloat16"])
+    stats = ["source.root=imgs", "inception.weights=i.pt"]
+    with pytest.raises(ConfigError, match="output: now a section; write output.uri="):
+        jobs.fid_stats.parse_args([*stats, "output=s3://b/stats"])
+    with pytest.raises(ConfigError, match="overwrite: renamed to output.overwrite"):
+        load_config(FidStatsJobConfig, {"overwrite": True, "output": {"uri": "o"}, "source": {"root": "r"}})
+    with pytest.raises(ConfigError, match="compute.actors: renamed to compute.workers"):
+        jobs.fid_stats.parse_args([*stats, "output.uri=o", "compute.actors=2"])
 
 
 def test_unit_runner_draws_on_its_compute_device(tmp_path):
@@ -410,11 +456,11 @@ def test_unit_runner_draws_on_its_compute_device(tmp_path):
     the sampler refuses a generator on another device (tests/test_sampler.py), so a CUDA runner cannot
     pair a CPU generator with CUDA tensors."""
     model = random_model(tiny_config(codebook_size=32, num_classes=CLASSES))
-    runner = sampling.UnitRunner(model, None, None, enat.SamplerConfig(), str(tmp_path))
-    unit = sampling.make_units(8, 4, 7, sampling.balanced_labels(8, CLASSES))[1]
+    runner = sample.UnitRunner(model, None, None, enat.SamplerConfig(), str(tmp_path))
+    unit = sample.make_units(8, 4, 7, sample.balanced_labels(8, CLASSES))[1]
     gen = runner.generator(unit)
     assert gen.device == runner.device == model.mlm_layer.bias.device
-    assert gen.initial_seed() == unit.seed == sampling.unit_seed(7, 1)
+    assert gen.initial_seed() == unit.seed == unit_seed(7, 1)
 
 
 def test_float16_decode_on_a_cpu_without_fp16_kernels_runs_float32(tmp_path):
@@ -422,10 +468,10 @@ def test_float16_decode_on_a_cpu_without_fp16_kernels_runs_float32(tmp_path):
     runs that ~20x slower, so it decodes in float32 instead (and says so); bf16 and GPUs keep theirs."""
     model = random_model(tiny_config(codebook_size=32, num_classes=CLASSES))
     cpu, fp16_ok = torch.device("cpu"), torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    runner = sampling.UnitRunner(model, None, None, enat.SamplerConfig(), str(tmp_path), decode_dtype="float16")
+    runner = sample.UnitRunner(model, None, None, enat.SamplerConfig(), str(tmp_path), decode_precision="fp16")
     assert runner.decode_dtype == (torch.float16 if fp16_ok else None)
-    assert sampling._device_dtype(torch.bfloat16, cpu, "x") == torch.bfloat16
-    assert sampling._device_dtype(torch.float16, torch.device("cuda"), "x") == torch.float16
+    assert device_dtype("bf16", cpu, "x") == torch.bfloat16
+    assert device_dtype("fp16", torch.device("cuda"), "x") == torch.float16
 
 
 def test_fid_stats_from_an_adm_reference_batch_on_s3(ray_local, assets, tmp_path, s3_bucket):
@@ -446,9 +492,9 @@ def test_fid_stats_from_an_adm_reference_batch_on_s3(ray_local, assets, tmp_path
             f"inception.weights={assets / 'inception.pt'}", f"storage.endpoint_url={s3_bucket.endpoint}",
             "compute.progress=false"]
     res = fid_stats_main([f"source.root={s3_bucket.url('adm', 'VIRTUAL_tiny_labeled.npz')}",
-                          f"output={tmp_path / 'ref'}", *args])
+                          f"output.uri={tmp_path / 'ref'}", *args])
     assert res["n"] == 7 and res["units"] == 2 and res["rejected"] == 0
-    mu, sigma = enat.fid.load_reference_stats(str(tmp_path / "ref" / "fid_stats.npz"))
+    mu, sigma = enat.load_reference_stats(str(tmp_path / "ref" / "fid_stats.npz"))
     net = FIDInception.from_pytorch_fid(str(assets / "inception.pt"))
     with torch.no_grad():
         pool3 = net(torch.from_numpy(images).permute(0, 3, 1, 2))[0].double().numpy()
@@ -457,7 +503,7 @@ def test_fid_stats_from_an_adm_reference_batch_on_s3(ray_local, assets, tmp_path
     np.testing.assert_allclose(sigma, np.cov(pool3, rowvar=False), rtol=1e-4, atol=1e-4 * np.abs(sigma).max())
 
     with pytest.raises(ValueError, match=r"stats_only.npz: no images \(arr_0\).*statistics only"):
-        fid_stats_main([f"source.root={s3_bucket.url('adm', 'stats_only.npz')}", f"output={tmp_path / 'x'}", *args])
+        fid_stats_main([f"source.root={s3_bucket.url('adm', 'stats_only.npz')}", f"output.uri={tmp_path / 'x'}", *args])
     with pytest.raises(ValueError, match=r"tiny_labeled.npz: arr_0 holds 32x32 images, source.resolution is 64"):
         fid_stats_main([f"source.root={s3_bucket.url('adm', 'VIRTUAL_tiny_labeled.npz')}",
-                        f"output={tmp_path / 'y'}", *args, "source.resolution=64"])
+                        f"output.uri={tmp_path / 'y'}", *args, "source.resolution=64"])

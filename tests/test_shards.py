@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import shards, storage
+from pipeline.ranged import RangeReader
 
 
 def _rows(n: int, L: int = 16, seed: int = 0, flips: bool = True, text: bool = False, start: int = 0) -> shards.Rows:
@@ -61,7 +62,7 @@ def test_ranged_entries_equal_the_plain_ones_and_fetch_rows_on_demand(tmp_path):
     data = shards.pack_shard(rows, 0, rows_per_entry=4)
     (tmp_path / "s.tar").write_bytes(data)
     fs, path = storage.filesystem(str(tmp_path / "s.tar"))
-    reader = shards.RangeReader(fs, path, len(data), chunk=1024)
+    reader = RangeReader(fs, path, len(data), chunk=1024)
     ranged = list(shards.iter_tar_entries_ranged(reader))
     plain = list(shards.iter_tar_entries(data))
     assert [sorted(e) for e in ranged] == [sorted(e) for e in plain]

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline import storage
-from pipeline.config import ConfigError, StorageConfig, load_config
+from pipeline.config import ConfigError, load_config
+from pipeline.sections import StorageConfig
 
 
 def _second_client(endpoint: str):
@@ -160,7 +161,7 @@ def test_shard_opener_pipeline_with_spawn_workers(s3_bucket, tmp_path):
         import sys, torch, webdataset as wds
         sys.path.insert(0, {str(os.getcwd())!r})
         from pipeline.storage import ShardOpener
-        from pipeline.config import StorageConfig
+        from pipeline.sections import StorageConfig
         def to_text(sample):
             return sample["x.txt"].decode()
         if __name__ == "__main__":

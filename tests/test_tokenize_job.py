@@ -19,7 +19,9 @@ import yaml
 from PIL import Image
 
 from pipeline import shards, storage
-from pipeline.config import ConfigError, TokenizeJobConfig, dump_config, load_config
+from pipeline.commits import sha256
+from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.tokenize import TokenizeJobConfig
 
 RES = 32  # 32 px crops, 8 px patches → 4 x 4 = 16 tokens per image
 
@@ -45,8 +47,9 @@ def _config(src_root, out, weights, **over) -> dict:
     cfg = {"source": {"kind": "imagefolder", "root": str(src_root), "splits": ["train"]},
            "image": {"resolution": RES},
            "tokenizer": {"kind": "patch", "weights": str(weights)},
-           "tokenize": {"out": str(out), "samples_per_shard": 5, "rows_per_entry": 2, "batch_size": 4,
-                        "actor_num_cpus": 0.5, "decode_num_cpus": 1.0, "progress": True}}
+           "tokenize": {"samples_per_shard": 5, "rows_per_entry": 2, "batch_size": 4},
+           "output": {"uri": str(out)},
+           "compute": {"cpus_per_worker": 0.5, "decode_cpus": 1.0, "progress": True}}
     for k, v in over.items():
         sec, name = k.split("__")
         cfg.setdefault(sec, {})[name] = v
@@ -78,7 +81,7 @@ def _expected_crop(path: Path, crop: str = "adm") -> np.ndarray:
 
 
 def test_config_loader_names_bad_fields(tmp_path):
-    base = {"source": {"root": "/data"}, "tokenize": {"out": "/out"}}
+    base = {"source": {"root": "/data"}, "output": {"uri": "/out"}}
     cfg = load_config(TokenizeJobConfig, base, ["tokenize.batch_size=64", "--source.splits=[train, val]",
                                                 "storage.endpoint_url=http://127.0.0.1:9000", "ray.num_cpus=null"])
     assert cfg.tokenize.batch_size == 64 and cfg.source.splits == ("train", "val")
@@ -99,10 +102,36 @@ def test_config_loader_names_bad_fields(tmp_path):
     with pytest.raises(ConfigError, match=r"source\.colour"):
         load_config(TokenizeJobConfig, {**base, "source": {"root": "/d", "colour": 1}})
     with pytest.raises(ConfigError, match=r"source\.root"):
-        load_config(TokenizeJobConfig, {"tokenize": {"out": "/o"}})
+        load_config(TokenizeJobConfig, {"output": {"uri": "/o"}})
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(base))
     assert load_config(TokenizeJobConfig, p).source.root == "/data"
+
+
+def test_old_keys_are_rejected_naming_the_new_ones(tmp_path):
+    from jobs.tokenize import parse_args
+
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump({"source": {"root": "/data"}, "tokenize": {"out": "/out", "batch_size": 8}}))
+    cases = [(["--config", str(p)], "tokenize.out", "output.uri"),  # in YAML
+             (["source.root=/d", "tokenize.out=/o"], "tokenize.out", "output.uri"),  # as an override
+             (["tokenize.encode_actors=4"], "tokenize.encode_actors", "compute.workers"),
+             (["tokenize.precision=bf16"], "tokenize.precision", "tokenizer.precision")]
+    for argv, old, new in cases:
+        with pytest.raises(ConfigError, match=rf"{old}: renamed to {new}".replace(".", r"\.")):
+            parse_args(argv)
+    with pytest.raises(ConfigError, match=r"tokenizer\.precision: 'bfloat16' is spelled 'bf16'"):
+        parse_args(["source.root=/d", "output.uri=/o", "tokenizer.precision=bfloat16"])
+
+
+def test_preset_parses():
+    from jobs.tokenize import parse_args
+
+    cfg = parse_args(["--preset", "imagenet-256", "source.root=s3://data/in", "output.uri=s3://tok/in256",
+                      "compute.workers=8", "compute.gpus_per_worker=1"])
+    assert cfg.source.splits == ("train", "val") and cfg.image.resolution == 256 and cfg.tokenizer.kind == "vqgan"
+    assert cfg.tokenize.samples_per_shard == 1000 and cfg.compute.workers == 8
+    assert not cfg.compute.decode_in_worker()  # GPU actors: decode runs in CPU tasks
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,7 +167,7 @@ def test_imagenet_layout_end_to_end(ray_local, image_folder, make_folder, patch_
     tars = _tars(out, "train")
     assert [m["name"] for m in man] == sorted(tars)
     for m in man:
-        assert shards.sha256(tars[m["name"]]) == m["sha256"] and m["bytes"] == len(tars[m["name"]])
+        assert sha256(tars[m["name"]]) == m["sha256"] and m["bytes"] == len(tars[m["name"]])
     assert sum(m["samples"] for m in man) == s["written"]
 
     # --- rows: official order and labels, tokens == the tokenizer on the official crop (+ flip)
@@ -248,8 +277,8 @@ def test_kill_midway_then_rerun_is_complete_and_identical(ray_local, make_folder
     base = _config(data.root, ref_out, weights, tokenize__samples_per_shard=2)
     _run(base, tmp_path)  # the uninterrupted reference
 
-    cfg = _config(data.root, out, weights, tokenize__samples_per_shard=2, tokenize__throttle_s=0.4,
-                  tokenize__progress=False, ray__num_cpus=2, ray__object_store_memory=100 * 2**20)
+    cfg = _config(data.root, out, weights, tokenize__samples_per_shard=2, compute__throttle_s=0.4,
+                  compute__progress=False, ray__num_cpus=2, ray__object_store_memory=100 * 2**20)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = subprocess_env
@@ -370,7 +399,7 @@ def test_runs_under_ray_job_submit(make_folder, patch_tokenizer, tmp_path, subpr
     data = make_folder(tmp_path / "src", per_class=3, bad=False)
     out = tmp_path / "out"
     cfg_path = tmp_path / "job.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(data.root, out, weights, tokenize__progress=False)))
+    cfg_path.write_text(yaml.safe_dump(_config(data.root, out, weights, compute__progress=False)))
     env = {**subprocess_env, "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with local_ray_head(env) as url:
@@ -421,7 +450,7 @@ def test_clip_text_encoder_local_and_s3(tmp_path, s3_bucket, s3_upload):
     pytest.importorskip("transformers")
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from pipeline.config import TextConfig
+    from pipeline.text import TextConfig
     from pipeline.text import build_text_encoder, empty_context
 
     d = tmp_path / "clip"

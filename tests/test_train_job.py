@@ -21,7 +21,7 @@ from tests.train_data import write_shapes_dataset
 COMMON = ["model.preset=enat-s", "model.encoder_depth=2", "model.decoder_depth=1", "model.dim=64",
           "model.num_heads=4", "optim.lr=0.002", "optim.warmup_steps=5", "train.global_batch=32",
           "train.steps=40", "train.ema_rate=0.9", "train.log_every=5", "deepspeed.precision=fp32",
-          "scaling.num_workers=2", "checkpoint.every=10", "mlflow.system_metrics=false"]
+          "compute.workers=2", "output.checkpoint_every=10", "mlflow.system_metrics=false"]
 
 
 def _loss_curve(tracking_uri: str, run_name: str) -> dict[int, float]:
@@ -45,8 +45,8 @@ def test_two_workers_zero1_on_s3_with_mlflow_server(ray_local, s3_bucket, mlflow
     write_shapes_dataset(root, storage_cfg=s3_bucket.storage)
     result = _train(COMMON + [f"data.root={root}", f"storage.endpoint_url={s3_bucket.endpoint}",
                               "deepspeed.zero_stage=1", "train.run_name=zero1", f"mlflow.tracking_uri={mlflow_server}",
-                              "mlflow.experiment=enat-test", f"checkpoint.uri={s3_bucket.url('ckpt')}",
-                              "checkpoint.keep_last=2"])
+                              "mlflow.experiment=enat-test", f"output.uri={s3_bucket.url('ckpt')}",
+                              "output.keep_last=2"])
     assert result.error is None
     curve, run, client = _loss_curve(mlflow_server, "zero1")
     assert sorted(curve) == list(range(5, 45, 5))
@@ -92,7 +92,7 @@ def test_worker_killed_mid_run_resumes_with_continuous_loss(ray_local, tmp_path)
     t.start()
     result = _train(COMMON + [f"data.root={root}", "deepspeed.zero_stage=2", "train.run_name=zero2",
                               f"mlflow.tracking_uri={uri}", "mlflow.experiment=enat-test",
-                              f"checkpoint.uri={ckpt}", "scaling.max_failures=2"])
+                              f"output.uri={ckpt}", "compute.max_failures=2"])
     t.join(1)
     assert killed, "no worker was killed (test setup)"
     assert result.error is None
@@ -129,15 +129,56 @@ def test_missing_dataset_is_named(tmp_path):
 
 def test_official_lr_schedule_and_deepspeed_json():
     from pipeline.config import load_config
-    from pipeline.training import TrainJobConfig, deepspeed_config
+    from pipeline.train import TrainJobConfig, deepspeed_config
     f = enat.warmup_constant(5000)          # the one warmup (tests/test_objective.py pins it to official)
     assert [f(k) for k in (0, 1, 2, 5001, 10 ** 6)] == [0.0, 0.0, 1 / 5000, 1.0, 1.0]
-    cfg = load_config(TrainJobConfig, {"data": {"root": "x"}}, ["scaling.num_workers=16", "deepspeed.micro_batch=64"])
+    cfg = load_config(TrainJobConfig, {"data": {"root": "x"}}, ["compute.workers=16", "deepspeed.micro_batch=64"])
     ds = deepspeed_config(cfg)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2048, 64, 2)
     assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 1
     assert cfg.data.p_uncond == 0.15 and cfg.optim.betas == (0.99, 0.99) and cfg.optim.weight_decay == 0.03
     assert cfg.train.ema_rate == 0.9999 and cfg.train.steps == 500_000 and cfg.optim.warmup_steps == 5000
+
+
+@pytest.mark.parametrize("old,new", [("scaling.num_workers=2", "compute.workers"),
+                                     ("scaling.use_gpu=true", "compute.gpus_per_worker"),
+                                     ("checkpoint.every=10", "output.checkpoint_every")])
+def test_old_override_is_rejected_naming_the_new_key(tmp_path, old, new):
+    with pytest.raises(ConfigError, match=f"renamed to {new}"):
+        _train([f"data.root={tmp_path / 'tok'}", old])
+
+
+def test_old_section_in_yaml_is_rejected_naming_the_new_key(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(f"data: {{root: {tmp_path / 'tok'}}}\ncheckpoint: {{uri: s3://ckpt}}\n")
+    with pytest.raises(ConfigError, match="checkpoint.uri: renamed to output.uri"):
+        _train(["--config", str(path)])
+
+
+@pytest.mark.parametrize("preset,yaml_name", [("imagenet-256", "train-imagenet256-enat-l.yaml"),
+                                              ("imagenet-512", "train-imagenet512-enat-l.yaml"),
+                                              ("coco-256", "train-coco-enat-b.yaml")])
+def test_presets_are_the_recipes_of_infra_configs(preset, yaml_name):
+    """`--preset NAME` parses for train and gives infra/configs' recipe (which adds storage locations and,
+    for ImageNet 256, the H100's peak TFLOP/s)."""
+    from dataclasses import replace
+
+    from jobs.train import parse_args
+    from pipeline.config import load_config
+    from pipeline.train import TrainJobConfig
+    cfg = parse_args(["--preset", preset, "data.root=s3://tok", "output.uri=s3://ckpt"])
+    ref = load_config(TrainJobConfig, Path(__file__).resolve().parents[1] / "infra" / "configs" / yaml_name)
+    ref = replace(ref, data=replace(ref.data, root="s3://tok"), output=replace(ref.output, uri="s3://ckpt"),
+                  mlflow=replace(ref.mlflow, peak_tflops=0.0))
+    assert cfg == ref
+    assert cfg.compute.gpus_per_worker == 1 and cfg.deepspeed.precision == "bf16"
+
+
+def test_preset_imagenet_256_with_overrides():
+    from jobs.train import parse_args
+    cfg = parse_args(["--preset", "imagenet-256", "data.root=s3://tok", "compute.workers=8"])
+    assert (cfg.train.global_batch, cfg.optim.lr, cfg.train.steps, cfg.model.preset) == (2048, 4e-4, 500_000, "enat-l")
+    assert cfg.compute.workers == 8 and cfg.data.p_uncond == 0.15 and cfg.mlflow.experiment == "enat/imagenet256"
 
 
 def test_torchrun_launcher_without_ray(tmp_path, monkeypatch):
@@ -150,8 +191,8 @@ def test_torchrun_launcher_without_ray(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     code = ("from jobs.train import main; import sys; main(sys.argv[1:])")
-    args = COMMON + [f"data.root={root}", "scaling.num_workers=1", "train.steps=12", "launcher=torchrun",
-                     f"checkpoint.uri={tmp_path / 'ckpt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    args = COMMON + [f"data.root={root}", "compute.workers=1", "train.steps=12", "launcher=torchrun",
+                     f"output.uri={tmp_path / 'ckpt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
                        env={**os.environ, **service_env()}, cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -172,7 +213,7 @@ def test_zero3_with_gradient_accumulation_two_processes(tmp_path):
     root = str(tmp_path / "tok")
     write_shapes_dataset(root)
     args = COMMON + [f"data.root={root}", "launcher=torchrun", "deepspeed.zero_stage=3", "deepspeed.micro_batch=8",
-                     "train.steps=6", "checkpoint.every=6", f"checkpoint.uri={tmp_path / 'ckpt'}",
+                     "train.steps=6", "output.checkpoint_every=6", f"output.uri={tmp_path / 'ckpt'}",
                      f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", "train.log_every=3"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                         "127.0.0.1", "--master-port", str(free_port()), "-m", "jobs.train", *args],

@@ -1,4 +1,4 @@
-"""bf16 (and fp32) training with reuse under ZeRO-1/2/3 through the real train loop (`pipeline.training.train_loop`,
+"""bf16 (and fp32) training with reuse under ZeRO-1/2/3 through the real train loop (`pipeline.train.train_loop`,
 the torchrun path, in-process with a world of 1), the EMA against DeepSpeed's fp32 master weights, the
 recorded data position at an epoch's end, and where the generators live.
 
@@ -48,8 +48,9 @@ def test_reuse_trains_and_ema_follows_fp32_masters(precision, stage, tmp_path, s
     import mlflow
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from pipeline.config import config_to_dict, load_config
-    from pipeline.training import TrainJobConfig, train_loop
+    from pipeline.config import load_config
+    from pipeline.shards import open_split
+    from pipeline.train import TrainJobConfig, train_loop
 
     run = f"{precision}-zero{stage}"
     cfg = load_config(TrainJobConfig, {"data": {"root": shapes_root}}, [
@@ -57,10 +58,10 @@ def test_reuse_trains_and_ema_follows_fp32_masters(precision, stage, tmp_path, s
         "model.num_heads=2", f"deepspeed.precision={precision}", f"deepspeed.zero_stage={stage}",
         "objective.reuse_prob=1.0", f"optim.lr={LR}", f"optim.warmup_steps={WARMUP}", "train.global_batch=100",
         f"train.steps={STEPS}", f"train.ema_rate={EMA_RATE}", "train.log_every=1", f"train.run_name={run}",
-        "checkpoint.every=1", "checkpoint.keep_last=0", f"checkpoint.uri={tmp_path / 'ckpt'}",
+        "output.checkpoint_every=1", "output.keep_last=0", f"output.uri={tmp_path / 'ckpt'}",
         "launcher=torchrun", f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=enat-precision",
         "mlflow.system_metrics=false"])
-    train_loop({"config": config_to_dict(cfg)})       # reuse on every batch: crashed here in bf16
+    train_loop({"config": cfg, "split": open_split(shapes_root, "train")})  # reuse on every batch: crashed here in bf16
 
     client = mlflow.MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("enat-precision")
@@ -97,26 +98,26 @@ def test_reuse_trains_and_ema_follows_fp32_masters(precision, stage, tmp_path, s
 def test_generators_follow_the_training_device():
     """The objective's generator is made on the training device (a CUDA one there), the reuse coin's on
     the CPU; both states round-trip through the checkpoint's RNG record."""
-    from pipeline.training import _rng_state, _set_rng_state, generators
+    from pipeline.train import generators, rng_state, set_rng_state
 
     gen, shared = generators(1234, 3, "cpu")
     assert gen.device == torch.device("cpu") and shared.device == torch.device("cpu")
     other, shared_other = generators(1234, 4, torch.device("cpu"))
     assert not torch.equal(gen.get_state(), other.get_state())          # per rank
     assert torch.equal(shared.get_state(), shared_other.get_state())    # the same on every rank
-    state = _rng_state(gen, shared)
+    state = rng_state(gen, shared)
     a = torch.rand(4, generator=gen)
-    _set_rng_state(gen, state)
+    set_rng_state(gen, state)
     assert torch.equal(torch.rand(4, generator=gen), a)
 
 
 def test_data_position_closes_the_epoch(shapes_root):
     """Each batch comes with the position after it; after an epoch's last batch that is (epoch + 1, 0)."""
     from pipeline.readers import InMemoryReader
-    from pipeline.training import _with_position
+    from pipeline.train import with_position
 
     reader = InMemoryReader(shapes_root, batch_size=100)
-    positions = [pos for _, pos in _with_position(reader)]
+    positions = [pos for _, pos in with_position(reader)]
     assert positions == [(0, 1), (0, 2), (0, 3), (1, 0)]
     reader = InMemoryReader(shapes_root, batch_size=100, epoch=positions[-1][0], step=positions[-1][1])
-    assert [pos for _, pos in _with_position(reader)] == [(1, 1), (1, 2), (1, 3), (2, 0)]
+    assert [pos for _, pos in with_position(reader)] == [(1, 1), (1, 2), (1, 3), (2, 0)]

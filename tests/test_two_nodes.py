@@ -47,21 +47,21 @@ def test_tokenize_train_sample_on_two_nodes(two_node_ray, s3_bucket, mlflow_serv
     env = {**subprocess_env, "RAY_ADDRESS": two_node_ray.address, "RAY_AUTH_MODE": "disabled"}
     store = [f"storage.endpoint_url={ep}"]
     _job("jobs.tokenize", store + [f"source.root={b.url('imagenet')}", "image.resolution=16", "tokenizer.kind=patch",
-                                   f"tokenizer.weights={b.url('weights/patch.pt')}", f"tokenize.out={b.url('tok')}",
-                                   "tokenize.samples_per_shard=6", "tokenize.encode_actors=2",
-                                   "tokenize.actor_num_cpus=2", "tokenize.progress=false"], driver, env)
+                                   f"tokenizer.weights={b.url('weights/patch.pt')}", f"output.uri={b.url('tok')}",
+                                   "tokenize.samples_per_shard=6", "compute.workers=2",
+                                   "compute.cpus_per_worker=2", "compute.progress=false"], driver, env)
     _job("jobs.train", store + [f"data.root={b.url('tok')}", "model.preset=enat-s", "model.encoder_depth=1",
                                 "model.decoder_depth=1", "model.dim=32", "model.num_heads=2", "optim.warmup_steps=1",
                                 "train.global_batch=8", "train.steps=2", "train.log_every=1", "train.run_name=two",
-                                "deepspeed.zero_stage=1", "scaling.num_workers=2",
-                                "scaling.cpus_per_worker=2", "scaling.max_failures=0", "checkpoint.every=2",
-                                f"checkpoint.uri={b.url('ckpt')}", f"mlflow.tracking_uri={mlflow_server}",
+                                "deepspeed.zero_stage=1", "compute.workers=2",
+                                "compute.cpus_per_worker=2", "compute.max_failures=0", "output.checkpoint_every=2",
+                                f"output.uri={b.url('ckpt')}", f"mlflow.tracking_uri={mlflow_server}",
                                 "mlflow.experiment=two-nodes", "mlflow.system_metrics=false"], driver, env)
     ckpt = b.url("ckpt/two/step_000000002")
     assert b.fs.exists(f"{ckpt}/ema.pt")
     _job("jobs.sample", store + [f"model.checkpoint={ckpt}/ema.pt", "tokenizer.kind=patch",
                                  f"tokenizer.weights={b.url('weights/patch.pt')}", "plan.num_samples=8",
-                                 "plan.unit_size=2", "plan.batch_size=2", "compute.actors=2", "compute.actor_num_cpus=2",
+                                 "plan.unit_size=2", "plan.batch_size=2", "compute.workers=2", "compute.cpus_per_worker=2",
                                  "compute.png_threads=1", "compute.progress=false", f"output.uri={b.url('samples')}",
                                  "output.grid=0", "mlflow.enabled=false"], driver, env)
     assert b.fs.ls(b.url("samples")), "no samples written"

@@ -10,6 +10,7 @@ import torch
 from enat.patch_vq import PatchVQ
 from jobs.core_demo import make_shapes
 from pipeline import shards, storage
+from pipeline.commits import sha256
 
 
 def write_shapes_dataset(root: str, n: int = 400, res: int = 16, patch: int = 4, codebook: int = 16,
@@ -33,7 +34,7 @@ def write_shapes_dataset(root: str, n: int = 400, res: int = 16, patch: int = 4,
         name = f"train-{s:06d}.tar"
         storage.put_atomic(fs, f"{path}/train/{name}", data)
         recs.append({"name": name, "shard": s, "samples": len(part), "rows": 2 * len(part), "bytes": len(data),
-                     "sha256": shards.sha256(data), "first_key": part.keys[0], "last_key": part.keys[-1]})
+                     "sha256": sha256(data), "first_key": part.keys[0], "last_key": part.keys[-1]})
     shards.write_manifest(fs, f"{path}/train/manifest.parquet", recs)
     L = codes.shape[1]
     ds = {"seq_len": L, "grid": [int(L ** 0.5)] * 2, "codebook_size": codebook, "num_classes": 10,
