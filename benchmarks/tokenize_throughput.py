@@ -183,6 +183,7 @@ def run_ray(data: Path, weights: str | None, tokenizer: str, resolution: int, wo
         "compute": {"workers": args.actors or (workers if not args.actor_gpus else 1),
                     "gpus_per_worker": args.actor_gpus, "cpus_per_worker": args.actor_cpus,
                     "decode_cpus": args.decode_cpus, "decode_on": args.decode_on, "progress": False},
+        "mlflow": {"enabled": False},
         "ray": {"num_cpus": workers, "num_gpus": 1 if args.actor_gpus else None,
                 "object_store_memory": args.object_store_mb * 2**20},
     })

@@ -5,6 +5,7 @@
     enat train    --config x.yaml [...]
     enat sample   --config x.yaml [...]
     enat fid-stats --config x.yaml [...]
+    enat register <checkpoint folder> [--alias candidate]
     enat submit --address http://head:8265 -- train --config x.yaml
 
 `enat <command> --help` documents each one. The same config files work locally and on a cluster.
@@ -23,6 +24,7 @@ COMMANDS = {
     "train": ("jobs.train", "train ENAT with DeepSpeed under Ray Train, tracked in MLflow"),
     "sample": ("jobs.sample", "generate samples at scale and compute FID / IS (Ray Data)"),
     "fid-stats": ("jobs.fid_stats", "reference FID statistics (mu, sigma) from real images"),
+    "register": ("jobs.register", "register a training checkpoint in the MLflow model registry"),
     "submit": ("jobs.submit", "submit any of these to a Ray cluster (ray job submit)"),
 }
 

@@ -133,15 +133,17 @@ def run(out: Path, size: str = "small", store: Optional[str] = None, inception: 
     started = init_ray(RayConfig(num_cpus=max(2, os.cpu_count() or 2)))
     try:
         common = ["tokenizer.kind=patch", f"tokenizer.weights={tok_uri}", f"image.resolution={RES}",
-                  "tokenize.samples_per_shard=250", "tokenize.batch_size=256", *stor]
+                  "tokenize.samples_per_shard=250", "tokenize.batch_size=256", f"mlflow.tracking_uri={tracking}",
+                  "mlflow.experiment=enat-demo", *stor]
         summary = tokenize_job.main([f"source.root={out / 'data' / 'imagenet'}", "source.kind=imagefolder",
-                                     f"output.uri={storage.join(store, 'tokens', 'digits')}", *common])
+                                     f"output.uri={storage.join(store, 'tokens', 'digits')}",
+                                     "mlflow.run_name=demo-tokenize", *common])
         text_summary = tokenize_job.main([f"source.root={out / 'data' / 'coco'}", "source.kind=coco",
                                           "source.splits=[train2014]", "text.kind=random", "text.dim=32",
                                           "text.length=8", "tokenize.flips=none",
-                                          f"output.uri={storage.join(store, 'tokens', 'captions')}", *common])
+                                          f"output.uri={storage.join(store, 'tokens', 'captions')}",
+                                          "mlflow.run_name=demo-tokenize-captions", *common])
         report["tokenize"] = {"digits": summary["splits"]["train"], "captions": text_summary["splits"]["train2014"]}
-        _log_stage_run("tokenize", report["tokenize"], tracking)
 
         _log(f"[demo 3/5] training: Ray Train + DeepSpeed ({s['workers']} CPU worker(s)), {s['steps']} steps")
         model = [f"model.dim={s['dim']}", f"model.encoder_depth={s['depth']}", "model.decoder_depth=1",
@@ -152,7 +154,8 @@ def run(out: Path, size: str = "small", store: Optional[str] = None, inception: 
                         "mlflow.experiment=enat-demo", f"mlflow.tracking_uri={tracking}", "mlflow.system_metrics=true",
                         f"output.uri={storage.join(store, 'checkpoints')}", *stor]
         res = train_job.main([f"data.root={storage.join(store, 'tokens', 'digits')}", f"train.steps={s['steps']}",
-                              "train.run_name=demo-class", f"output.checkpoint_every={s['steps']}", *train_common])
+                              "train.run_name=demo-class", f"output.checkpoint_every={s['steps']}",
+                              "mlflow.aliases=[candidate]", *train_common])
         report["train"] = {"checkpoint": str(res.checkpoint.path) if res.checkpoint else None}
         res_t = train_job.main([f"data.root={storage.join(store, 'tokens', 'captions')}", "data.split=train2014",
                                 "data.flip=none",
@@ -163,15 +166,14 @@ def run(out: Path, size: str = "small", store: Optional[str] = None, inception: 
 
         _log(f"[demo 4/5] sampling {s['samples']} digits with the Ray sampling job"
              + ("" if inception else " (no Inception weights given: FID is reported as unavailable)"))
-        ckpt = storage.join(store, "checkpoints", "demo-class", f"step_{s['steps']:09d}", "ema.pt")
-        sample_args = [f"model.checkpoint={ckpt}", "tokenizer.kind=patch", f"tokenizer.weights={tok_uri}",
+        # the version training registered (models:/demo-class@candidate): the sampling run becomes a child
+        # of the training run, and its FID lands on the training run at the checkpoint's step
+        sample_args = ["model.checkpoint=models:/demo-class@candidate", "tokenizer.kind=patch", f"tokenizer.weights={tok_uri}",
                        f"plan.num_samples={s['samples']}", "plan.unit_size=50", "plan.batch_size=50",
                        # the paper's guidance with milder temperatures for a 64-entry codebook
                        "sampler.cfg_scale=2.5", "sampler.mask_temp=1.0", "sampler.sample_temp=1.0",
                        f"output.uri={storage.join(store, 'samples')}", "output.grid=50",
                        f"mlflow.tracking_uri={tracking}", "mlflow.run_name=demo-sample", *stor]
-        if train_run:
-            sample_args.append(f"mlflow.parent_run_id={train_run}")
         if inception:
             sample_args += [f"inception.weights={inception}",
                             f"fid.reference_images.root={out / 'data' / 'imagenet'}",
@@ -275,21 +277,6 @@ def _print_summary(r: dict) -> None:
 def _storage(endpoint_url: Optional[str]):
     from pipeline.sections import StorageConfig
     return StorageConfig(endpoint_url=endpoint_url)
-
-
-def _log_stage_run(name: str, metrics: dict, tracking: str) -> None:
-    """One MLflow run per stage: the tokenize summary as metrics."""
-    import mlflow
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_experiment("enat-demo")
-    with mlflow.start_run(run_name=f"demo-{name}"):
-        flat = {}
-        for ds, m in metrics.items():
-            for k in ("read", "written", "converted", "rejected"):
-                if k in m:
-                    flat[f"{ds}.{k}"] = float(m[k])
-        mlflow.log_metrics(flat)
-        mlflow.log_dict(metrics, f"{name}_summary.json")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

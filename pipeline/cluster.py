@@ -7,19 +7,38 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 from pipeline.sections import ComputeSection, RayConfig
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray Train replaces `print` in its workers with one that logs through the worker's logger and, when
+# sys.stdout is wrapped (DeepSpeed and MLflow wrap it), also prints: every line of a training worker
+# reached the terminal twice. Off, a worker's print is an ordinary print that Ray forwards once.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-def worker_env() -> dict[str, str]:
-    """Env vars every Ray worker needs: loopback flags and a PYTHONPATH that finds this project."""
+# True while this process runs the embedded local Ray it started (see init_ray)
+_EMBEDDED = False
+
+
+def worker_env(verbose: bool = False) -> dict[str, str]:
+    """Env vars every Ray worker needs: loopback flags, plain prints, MLflow's INFO lines only with
+    ``verbose``, a PYTHONPATH that finds this project."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.environ.get("PYTHONPATH", "")
     parts = [root] + [p for p in path.split(os.pathsep) if p and p != root]
-    return {**LOOPBACK_ENV, "PYTHONPATH": os.pathsep.join(parts)}
+    return {**LOOPBACK_ENV, **WORKER_ENV, "MLFLOW_LOGGING_LEVEL": "INFO" if verbose else "WARNING",
+            "PYTHONPATH": os.pathsep.join(parts)}
+
+
+def actor_restarts() -> dict[str, Any]:
+    """Ray Data map arguments for our actor pools. On a cluster, Ray's defaults: a lost actor is restarted
+    (a preempted node). In the embedded local Ray nothing is preempted, a dead actor is a bug or an OOM
+    kill best reported, and with restarts on Ray logs an ERROR for every pool (its actors' constructor
+    arguments live in the object store: ray-project/ray#53727); our jobs resume by unit anyway."""
+    return {"max_restarts": 0} if _EMBEDDED else {}
 
 
 def _loopback_only() -> None:
@@ -37,31 +56,84 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _session_token() -> None:
+    """Token authentication for the embedded Ray, with the token in this process's environment (inherited
+    by the processes Ray starts) instead of the file ``~/.ray/auth_token`` Ray would otherwise write into
+    the user's home; an explicit RAY_AUTH_MODE / RAY_AUTH_TOKEN is left as it is."""
+    import secrets
+
+    if "RAY_AUTH_MODE" in os.environ or "RAY_AUTH_TOKEN" in os.environ:
+        return
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    Config.initialize("")  # Ray read RAY_AUTH_MODE when it was imported: read it again
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _ray_logging(verbose: bool) -> dict[str, Any]:
+    """ray.init arguments for Ray's own log lines: on the terminal only with ``verbose``; they are always
+    in the session's log directory. Our workers' prints still reach the terminal (log_to_driver)."""
+    import logging
+
+    import ray
+
+    level = "INFO" if verbose else "WARNING"
+    return {"logging_level": getattr(logging, level), "logging_config": ray.LoggingConfig(log_level=level)}
+
+
+def _quiet_ray_data(verbose: bool) -> None:
+    """Ray Data logs its execution plans and, on a non-interactive terminal, a progress block every 10 s
+    to the console; without ``verbose`` only its file handler (``ray-data.log`` in the session's log
+    directory) keeps them: the job shows its own progress bar."""
+    import logging
+
+    from ray.data._internal.logging import SessionFileHandler  # importing ray.data sets its loggers up
+
+    for h in logging.getLogger("ray.data").handlers:
+        if not isinstance(h, SessionFileHandler):
+            h.setLevel(logging.INFO if verbose else logging.ERROR)
+
+
 def init_ray(cfg: RayConfig = RayConfig()) -> bool:
     """Connect to Ray or start an embedded local one on 127.0.0.1; True if this call started it.
 
     Under ``ray job submit`` (RAY_ADDRESS set) or with ``ray.address`` it connects; otherwise it
-    starts a local Ray whose every listener is on loopback (:func:`_loopback_only`).
+    starts a local Ray whose every listener is on loopback (:func:`_loopback_only`), with token
+    authentication (:func:`_session_token`) and the dashboard on 127.0.0.1 (Ray Train's controller
+    queries actor states through it; without it, it warns every few seconds).
     """
     import ray
 
+    global _EMBEDDED
     if ray.is_initialized():
         return False
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if cfg.verbose else "WARNING")  # before mlflow's import
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:  # the cluster's / job's runtime_env (working_dir, env_vars) applies as submitted
-        ray.init(address=address)
+        ray.init(address=address, **_ray_logging(cfg.verbose))
     else:
         _loopback_only()
+        _session_token()
+        # one machine: no node is preempted, so Ray Train's preemption watcher has nothing to watch
+        env = {**worker_env(cfg.verbose), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
         # address='local': always a new embedded Ray, never a cluster someone started on this machine
         ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                 object_store_memory=cfg.object_store_memory, include_dashboard=False,
-                 runtime_env={"env_vars": worker_env()})
+                 object_store_memory=cfg.object_store_memory, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env}, **_ray_logging(cfg.verbose))
+        _EMBEDDED = True
+    _quiet_ray_data(cfg.verbose)
+    if not cfg.verbose:
+        node = ray._private.worker._global_node
+        logs = node.get_logs_dir_path() if node is not None else "the Ray session's logs/ directory"
+        print(f"[ray] Ray's own logs: {logs} (--verbose shows them here)", flush=True)
     return True
 
 
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig = RayConfig()):
     """`init_ray` for the duration of a job: shuts Ray down afterwards only if this call started it."""
+    global _EMBEDDED
     started = init_ray(cfg)
     try:
         yield
@@ -70,6 +142,7 @@ def ray_session(cfg: RayConfig = RayConfig()):
             import ray
 
             ray.shutdown()
+            _EMBEDDED = False
 
 
 def pick_device(compute: ComputeSection) -> Any:
@@ -108,8 +181,12 @@ def run_pool(rows: list[dict], worker: type, ctor_args: tuple, compute: ComputeS
         ds = ds.map(fn, fn_kwargs=kwargs, **resources)
     pool = ray.data.ActorPoolStrategy(size=compute.workers, max_concurrent_calls_per_actor=in_flight,
                                       enable_true_multi_threading=in_flight > 1)
-    ds = ds.map(worker, fn_constructor_args=ctor_args, compute=pool, num_cpus=compute.cpus_per_worker,
-                num_gpus=compute.gpus_per_worker or None)
+    with warnings.catch_warnings():
+        # max_restarts is Ray Data's documented switch (actor_pool_map_operator.py) and has no named
+        # parameter yet; Ray 2.60 warns about every map argument passed by keyword this way
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map(worker, fn_constructor_args=ctor_args, compute=pool, num_cpus=compute.cpus_per_worker,
+                    num_gpus=compute.gpus_per_worker or None, **actor_restarts())
     bar = None
     if compute.progress:
         from tqdm import tqdm

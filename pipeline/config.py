@@ -288,7 +288,7 @@ def absolute_location(value: str, cwd: Optional[str] = None) -> str:
 
     ``file:`` URLs keep their scheme (``file://rel/x`` and ``file:rel/x`` become ``file:///<cwd>/rel/x``);
     ``sqlite:///rel.db`` (an MLflow store) becomes ``sqlite:////<cwd>/rel.db``; other URLs (``s3://``,
-    ``gs://``, ``http://``, ``memory://`` …) and empty values are returned unchanged.
+    ``gs://``, ``http://``, ``memory://`` …), ``models:/…`` registry URIs and empty values are returned unchanged.
     """
     if not value:
         return value
@@ -304,7 +304,7 @@ def absolute_location(value: str, cwd: Optional[str] = None) -> str:
         return "file://" + absolute(value[len("file://"):])
     if low.startswith("file:"):
         return "file://" + absolute(value[len("file:"):])
-    if "://" in value:
+    if "://" in value or low.startswith("models:/"):  # URLs, and MLflow registry URIs (models:/name/1)
         return value
     return absolute(value)
 
@@ -368,6 +368,7 @@ def parse_job_args(cls: type[T], argv: Optional[Sequence[str]], prog: str, descr
     p.add_argument("--config", help=f"YAML file holding a {cls.__name__}")
     if presets:
         p.add_argument("--preset", choices=sorted(presets), help="start from a named preset")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines too (ray.verbose=true)")
     p.add_argument("overrides", nargs="*", help="section.field=value (a leading -- is accepted)")
     args, extra = p.parse_known_args(argv)
     unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
@@ -381,4 +382,5 @@ def parse_job_args(cls: type[T], argv: Optional[Sequence[str]], prog: str, descr
             raise ConfigError(f"{args.config}: expected a mapping at the top level, got {type(loaded).__name__}")
         base = merge_dicts(base, loaded)
     # relative paths are resolved here, on the driver: workers may run in another directory
-    return resolve_locations(load_config(cls, base, list(args.overrides) + extra))
+    overrides = list(args.overrides) + extra + (["ray.verbose=true"] if args.verbose else [])
+    return resolve_locations(load_config(cls, base, overrides))

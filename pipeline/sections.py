@@ -56,6 +56,7 @@ class RayConfig:
     num_cpus: Optional[int] = None  # embedded Ray only
     num_gpus: Optional[int] = None  # embedded Ray only
     object_store_memory: Optional[int] = None  # bytes, embedded Ray only
+    verbose: bool = False  # Ray's own log lines on the terminal too (`--verbose`); always in its session logs
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path, make_folder, subprocess
     env = {k: v for k, v in subprocess_env.items() if not k.startswith("RAY_ENABLE_WINDOWS_OR_OSX")}
     out = tmp_path / "listeners.json"
     args = [f"source.root={data.root}", "image.resolution=16", "tokenizer.kind=patch",
-            f"tokenizer.weights={weights}", f"output.uri={tmp_path / 'tokens'}", "compute.progress=false",
+            f"tokenizer.weights={weights}", f"output.uri={tmp_path / 'tokens'}", "compute.progress=false", "mlflow.enabled=false",
             "ray.num_cpus=1"]
     proc = subprocess.run([sys.executable, "-c", _LISTENERS_SCRIPT, str(out), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -85,7 +85,7 @@ def test_resolve_locations_marks_fields_not_names(tmp_path):
     assert absolute_location("file://a/b", cwd) == f"file://{cwd}/a/b"
     assert absolute_location("sqlite:///m.db", cwd) == f"sqlite:///{cwd}/m.db"
     assert absolute_location("sqlite:////abs/m.db", cwd) == "sqlite:////abs/m.db"
-    for url in ("s3://b/k", "gs://b/k", "memory://x", "http://127.0.0.1:5000", "/abs/x", ""):
+    for url in ("s3://b/k", "gs://b/k", "memory://x", "http://127.0.0.1:5000", "/abs/x", "models:/enat-l-256@candidate", ""):
         assert absolute_location(url, cwd) == url
     cfg = load_config(TokenizeJobConfig, {"source": {"root": "s3://b/imgs"}, "output": {"uri": "tok"},
                                           "tokenizer": {"weights": "w/vq.ckpt", "preset": "mage-f16"}})

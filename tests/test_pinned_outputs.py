@@ -82,7 +82,7 @@ def outputs(ray_local, tmp_path_factory) -> dict[str, str]:
         "source": {"kind": "imagefolder", "root": str(d / "images"), "splits": ["train"]},
         "image": {"resolution": 32}, "tokenizer": {"kind": "patch", "weights": str(d / "patch_vq.pt")},
         "tokenize": {"samples_per_shard": 4, "rows_per_entry": 3, "batch_size": 4},
-        "output": {"uri": str(tokens)}, "compute": {"progress": False}}, d)
+        "output": {"uri": str(tokens)}, "compute": {"progress": False}, "mlflow": {"enabled": False}}, d)
     samples = d / "samples"
     _run("sample", {
         "model": {"checkpoint": str(d / "enat.pt"), "preset": "enat-s", "encoder_depth": 2, "decoder_depth": 1,

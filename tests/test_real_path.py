@@ -113,7 +113,7 @@ def _tokenize_overrides(world, name: str) -> list[str]:
     over = [f"source.root={world['url'](src)}", f"output.uri={world['url']('tokens', name[:-5])}",
             f"storage.endpoint_url={world['endpoint']}", "tokenizer.weights=null", f"image.resolution={res}",
             "tokenize.samples_per_shard=4", "tokenize.batch_size=4", "compute.workers=1",
-            "compute.gpus_per_worker=0", "compute.progress=false"]
+            "compute.gpus_per_worker=0", "compute.progress=false", f"mlflow.tracking_uri={world['mlflow']}"]
     if cfg.get("text"):
         over.append(f"text.weights={world['url']('weights', 'clip')}")
     return over
@@ -178,7 +178,7 @@ def trained(world, tokenized):
     return out
 
 
-def test_train_configs(trained, world):
+def test_train_configs(trained, tokenized, world):
     import mlflow
     client = mlflow.MlflowClient(world["mlflow"])
     for name, (run_name, ckpt) in trained.items():
@@ -195,6 +195,40 @@ def test_train_configs(trained, world):
         history = client.get_metric_history(run.info.run_id, "loss")
         assert sorted(m.step for m in history) == [1, 2] and all(np.isfinite(m.value) for m in history)
         assert world["fs"].exists(ckpt.replace("s3://", "") + "/ema.pt"), ckpt
+        # lineage: the token split it trained on, with the digest of its shards
+        from pipeline.commits import fingerprint
+        from pipeline.shards import open_split
+        split = open_split(_tokens_for(cfg, tokenized), cfg["data"]["split"], world["storage"])
+        inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+        (train_input,) = [i for i in inputs.values() if {t.value for t in i.tags} == {"train"}]
+        assert train_input.dataset.digest == fingerprint([r["sha256"] for r in split.shards])[:36]
+        assert json.loads(train_input.dataset.profile)["num_samples"] == split.samples
+        # the final EMA weights are a registered model version that points at them (nothing copied)
+        (version,) = client.search_model_versions(f"name = '{run_name}'")
+        assert version.run_id == run.info.run_id and version.tags["checkpoint"] == ckpt + "/ema.pt"
+        assert version.tags["step"] == "2" and version.tags["model_config.dim"] == "32"
+        assert version.tags["tokenizer.kind"] == "vqgan" and version.tags["dataset.uri"] == _tokens_for(cfg, tokenized)
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/checkpoint.json"]
+        grid = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+        assert "samples/grid.png" in grid
+        if cfg["model"]["preset"] == "enat-b-coco":  # a text model: the grid of fixed captions, logged with it
+            captions = client.download_artifacts(run.info.run_id, "samples/captions.json")
+            assert json.loads(open(captions).read())["captions"]
+
+
+def test_tokenize_runs_log_source_and_output(tokenized, world):
+    import mlflow
+    client = mlflow.MlflowClient(world["mlflow"])
+    exp = client.get_experiment_by_name("enat")
+    for name, (root, ds) in tokenized.items():
+        (run,) = client.search_runs([exp.experiment_id], f"tags.output_uri = '{root}'")
+        contexts = sorted((i.dataset.name, {t.value for t in i.tags}.pop()) for i in run.inputs.dataset_inputs)
+        splits = _config(name)["source"]["splits"]
+        assert contexts == sorted([(f"source/{s}", "source") for s in splits] +
+                                  [(f"tokens/{s}", "output") for s in splits]), contexts
+        out = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+        for split in splits:
+            assert out[f"tokens/{split}"].digest == ds["splits"][split]["digest"][:36]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,7 +242,12 @@ def sampled(world, trained):
         cfg = _config(name)
         run_name = cfg["model"]["checkpoint"].split("/")[-3]          # …/<run>/step_…/ema.pt
         train_name = next(n for n, (r, _) in trained.items() if r == run_name)
-        over = [f"model.checkpoint={trained[train_name][1]}/ema.pt", f"storage.endpoint_url={world['endpoint']}",
+        checkpoint = f"{trained[train_name][1]}/ema.pt"
+        if "256" in name:  # through the model registry: models:/<training run name>/<version>
+            import mlflow
+            (version,) = mlflow.MlflowClient(world["mlflow"]).search_model_versions(f"name = '{run_name}'")
+            checkpoint = f"models:/{run_name}/{version.version}"
+        over = [f"model.checkpoint={checkpoint}", f"storage.endpoint_url={world['endpoint']}",
                 "tokenizer.weights=null", f"inception.weights={world['url']('weights', 'inception.pt')}",
                 f"fid.reference={world['url']('weights', 'fid_stats.npz')}",
                 f"output.uri={world['url']('samples', name[:-5])}", "plan.num_samples=6", "plan.unit_size=3",
@@ -228,6 +267,17 @@ def test_sample_configs(sampled, world):
         sampler = plan["config"]["sampler"]
         assert sampler["preset"] == cfg["sampler"]["preset"] and sampler["precision"] == cfg["sampler"]["precision"]
         assert plan["config"]["tokenizer"]["precision"] == cfg["tokenizer"]["precision"] == "fp16"
+        if "256" in name:  # the FID is on the training run at the checkpoint's step and on the model version
+            import mlflow
+            client = mlflow.MlflowClient(world["mlflow"])
+            model = summary["model"]
+            fid = client.get_metric_history(model["run_id"], "fid")
+            assert [(m.step, m.value) for m in fid] == [(2, summary["fid"])]
+            assert float(client.get_model_version(model["name"], model["version"]).tags["fid"]) == summary["fid"]
+            sample_run = client.search_runs([client.get_run(model["run_id"]).info.experiment_id],
+                                            f"tags.model_version = '{model['version']}'")[0]
+            assert sample_run.data.tags["mlflow.parentRunId"] == model["run_id"]
+            assert {"fid-reference"} <= {i.dataset.name for i in sample_run.inputs.dataset_inputs}
 
 
 def test_overrides_only_change_sizes_and_locations(sampled):

@@ -48,7 +48,7 @@ def test_tokenize_train_sample_on_two_nodes(two_node_ray, s3_bucket, mlflow_serv
     store = [f"storage.endpoint_url={ep}"]
     _job("jobs.tokenize", store + [f"source.root={b.url('imagenet')}", "image.resolution=16", "tokenizer.kind=patch",
                                    f"tokenizer.weights={b.url('weights/patch.pt')}", f"output.uri={b.url('tok')}",
-                                   "tokenize.samples_per_shard=6", "compute.workers=2",
+                                   "tokenize.samples_per_shard=6", "compute.workers=2", "mlflow.enabled=false",
                                    "compute.cpus_per_worker=2", "compute.progress=false"], driver, env)
     _job("jobs.train", store + [f"data.root={b.url('tok')}", "model.preset=enat-s", "model.encoder_depth=1",
                                 "model.decoder_depth=1", "model.dim=32", "model.num_heads=2", "optim.warmup_steps=1",

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 from pipeline.config import ConfigError, location
 from pipeline.models import TokenizerSection
-from pipeline.sections import ComputeSection, RayConfig, StorageConfig
+from pipeline.sections import ComputeSection, MLflowSection, RayConfig, StorageConfig
 from pipeline.text import TextConfig
 
 
@@ -128,6 +128,7 @@ class TokenizeJobConfig:
     compute: TokenizeComputeSection = field(default_factory=TokenizeComputeSection)  # the encoder pool
     storage: StorageConfig = field(default_factory=StorageConfig)  # object-store settings
     ray: RayConfig = field(default_factory=RayConfig)  # how to reach Ray
+    mlflow: MLflowSection = field(default_factory=MLflowSection)  # the job's run: counts and lineage
 
     # Named presets (paper numbers: enat-facts §5, §8, §10). Paths are placeholders to override.
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {

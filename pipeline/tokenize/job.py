@@ -114,7 +114,35 @@ def run_tokenize(cfg: TokenizeJobConfig, log: Any = print) -> dict[str, Any]:
     written = sum(s.get("written", 0) for s in summary["splits"].values())
     log(f"[tokenize] done: {written} samples in {storage.redact(out_uri)} "
         f"({len(todo)} shards run in {timing['run_s']:.1f} s, {summary['images_per_s']} images/s)")
+    if cfg.mlflow.enabled:
+        _track(cfg, summary, listings, totals, tok_identity)
     return summary
+
+
+def _track(cfg: TokenizeJobConfig, summary: dict, listings: dict[str, Listing], totals: dict,
+           tok_identity: dict) -> None:
+    """The job's MLflow run: its config, counts and rate, and the lineage: each split of the source
+    (digest: the listing) as an input, each split of the token dataset (digest: its shards' sha256) as
+    an output."""
+    from pipeline import tracking
+
+    m = cfg.mlflow
+    name = m.run_name or "tokenize-" + cfg.output.uri.rstrip("/").rsplit("/", 1)[-1]
+    with tracking.start_run(m.tracking_uri, m.experiment or "enat", run_name=name,
+                            tags={"enat_job": "tokenize", "output_uri": cfg.output.uri}) as run:
+        run.log_params(config_to_dict(cfg))
+        for split, s in summary["splits"].items():
+            run.log_metrics({f"{split}.{k}": s[k] for k in ("read", "written", "rejected", "converted")})
+            items = listings[split].items
+            run.log_dataset(f"source/{split}", storage.join(cfg.source.root, split),
+                            fingerprint([(it.key, it.path) for it in items]), "source",
+                            {"kind": cfg.source.kind, "split": split, "images": len(items)})
+            run.log_dataset(f"tokens/{split}", cfg.output.uri, totals[split]["digest"], "output",
+                            {"split": split, "num_samples": totals[split]["samples"],
+                             "resolution": cfg.image.resolution,
+                             "tokenizer": {k: tok_identity[k] for k in ("kind", "preset", "weights_sha256")}})
+        run.log_metrics({"images_per_s": summary["images_per_s"]})
+        summary["mlflow_run_id"] = run.run_id
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,7 +229,7 @@ def _finish_split(fs: Any, out: str, split: str, cfg: TokenizeJobConfig, listing
     return {"samples": written, "rows": sum(r["rows"] for r in recs), "shards": n,
             "flips": cfg.tokenize.has_flips(split), "read": read, "rejected": len(rejects),
             "rejected_by_reason": dict(sorted(by_reason.items())), "converted": converted,
-            "bytes": sum(r["bytes"] for r in recs),
+            "bytes": sum(r["bytes"] for r in recs), "digest": fingerprint([r["sha256"] for r in recs]),
             "pattern": f"{split}-{{000000..{n - 1:06d}}}.tar" if n else None,
             "seconds": {k: round(sum(r["seconds"][k] for r in recs), 3) for k in ("read", "decode", "encode", "write")}}
 

@@ -115,6 +115,13 @@ class TrainMLflowSection(MLflowSection):
     grid_every: int = 0  # steps between sample grids (0: only at the end)
     grid_classes: tuple[int, ...] = tuple(range(8))
     peak_tflops: float = 0.0  # per device; MFU is logged when set (e.g. 989 for H100 bf16 dense)
+    grid_captions: int = 8  # text models: captions of the grid (the first of the training stream, fixed)
+    # at the end, register the final EMA weights as a version of this MLflow registered model (the weights
+    # stay where they are; the version points at them); null: train.run_name. `enat register` does it for
+    # any checkpoint.
+    register: bool = True
+    model_name: Optional[str] = None
+    aliases: tuple[str, ...] = ()  # aliases moved to the new version, e.g. [candidate]
 
 
 def _recipe(run_name: str, data: dict, model: str, lr: float, global_batch: int, steps: int, workers: int,

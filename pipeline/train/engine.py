@@ -4,7 +4,7 @@ Checkpoint layout (one folder per checkpoint, stable names ``step_000010000``):
     <DeepSpeed files>            every rank's engine.save_checkpoint (model + ZeRO optimizer shards)
     ema.pt                       the EMA weights, plain state dict in the official key layout
                                  (``ENAT.from_official`` loads it for sampling)
-    config.json                  the resolved train config and the model config
+    config.json                  the resolved train config, the model config, the step, the MLflow run id
 client_state (inside the DeepSpeed files): step, data position, RNG states, MLflow run id.
 """
 from __future__ import annotations
@@ -209,7 +209,8 @@ class TrainState:
         if self.rank == 0:
             torch.save(self.ema.state_dict(), os.path.join(d, "ema.pt"))
             with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump({"train": config_to_dict(cfg), "model": mcfg.to_dict(), "step": self.step}, f, indent=2)
+                json.dump({"train": config_to_dict(cfg), "model": mcfg.to_dict(), "step": self.step,
+                           "mlflow_run_id": self.run_id}, f, indent=2)
         if dist.is_initialized():
             dist.barrier()
         ctx.report({"step": self.step}, d, name)

@@ -107,7 +107,7 @@ def run_ray(cfg: TrainJobConfig, split: SplitInfo) -> Any:
     """Run training under Ray Train; returns Ray's Result. ``split`` is the token split the driver opened
     (its dataset.json and manifest travel to the workers). Resumes automatically from the latest
     checkpoint of the same run name in storage, and restarts lost workers (``compute.max_failures``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.cluster import worker_env
@@ -121,7 +121,7 @@ def run_ray(cfg: TrainJobConfig, split: SplitInfo) -> Any:
     else:
         path = os.path.abspath(path)
     gpu = uses_gpu(cfg)
-    env = {**worker_env()}
+    env = worker_env(cfg.ray.verbose)
     if not gpu:
         env["DS_ACCELERATOR"] = "cpu"
     resources = {"CPU": cfg.compute.cpus_per_worker}
@@ -136,6 +136,8 @@ def run_ray(cfg: TrainJobConfig, split: SplitInfo) -> Any:
         run_config=RunConfig(name=cfg.train.run_name, storage_path=path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_last or None),
-                             worker_runtime_env={"env_vars": env}),
+                             worker_runtime_env={"env_vars": env},
+                             # Ray Train's own lines (worker group start, checkpoint reports): its logs only
+                             logging_config=LoggingConfig(log_level="INFO" if cfg.ray.verbose else "WARNING")),
     )
     return trainer.fit()

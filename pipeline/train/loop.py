@@ -47,10 +47,13 @@ def _train(cfg: TrainJobConfig, split: SplitInfo, ctx) -> None:
                   flush=True)
     reader.load_state_dict({"epoch": state.epoch, "step": state.epoch_batch})
 
-    # 3. rank 0's MLflow run (the same run across restarts)
+    # 3. rank 0's MLflow run (the same run across restarts), with the token split as its input
     tracker = monitor.start_tracking(cfg, mcfg, state.run_id) if ctx.rank == 0 else None
     if tracker:
         state.run_id = tracker.run_id
+        if not tracker.resumed:
+            monitor.log_dataset(tracker, cfg, split)
+    prompts = None  # text models: the grid's fixed captions, from the first batch
 
     # 4. the steps
     meter = monitor.Meter(cfg, mcfg, ctx.rank, ctx.world_size, device)
@@ -58,6 +61,8 @@ def _train(cfg: TrainJobConfig, split: SplitInfo, ctx) -> None:
     micro_i = 0
     while state.step < cfg.train.steps:
         for batch, position in with_position(reader):
+            if tracker and prompts is None and mcfg.text_conditioned:
+                prompts = monitor.grid_prompts(cfg, batch)
             metrics = _micro_step(cfg, mcfg, state, batch, device, meter)
             micro_i += 1
             if micro_i % accum:
@@ -69,17 +74,17 @@ def _train(cfg: TrainJobConfig, split: SplitInfo, ctx) -> None:
             if state.step % cfg.train.log_every == 0 or last:
                 meter.log(tracker, state.engine, state.step, state.epoch, metrics)
             if tracker and cfg.mlflow.grid_every and (state.step % cfg.mlflow.grid_every == 0 or last):
-                monitor.log_grid(tracker, state.ema, mcfg, cfg, split.dataset, state.step)
+                monitor.log_grid(tracker, state.ema, mcfg, cfg, split.dataset, state.step, prompts)
             if state.step % cfg.output.checkpoint_every == 0 or last:
                 ckpt_name = state.save(ctx, cfg, mcfg)
             if last:
                 break
 
-    # 5. the final grid and the run's pointer to the final EMA checkpoint
+    # 5. the final grid, the run's pointer to the final EMA checkpoint, its registered model version
     if tracker:
         if not cfg.mlflow.grid_every:
-            monitor.log_grid(tracker, state.ema, mcfg, cfg, split.dataset, state.step)
-        monitor.finish(tracker, cfg, state.step, ckpt_name)
+            monitor.log_grid(tracker, state.ema, mcfg, cfg, split.dataset, state.step, prompts)
+        monitor.finish(tracker, cfg, mcfg, split, state.step, ckpt_name)
 
 
 def _micro_step(cfg: TrainJobConfig, mcfg: enat.ENATConfig, state: TrainState, batch: dict,

@@ -8,8 +8,10 @@ import torch
 
 import enat
 from pipeline import storage, tracking
+from pipeline.commits import fingerprint
 from pipeline.config import config_to_dict
 from pipeline.models import TokenizerSection, build_tokenizer, decode_images
+from pipeline.shards import SplitInfo
 from pipeline.train.config import TrainJobConfig
 from pipeline.train.engine import deepspeed_config
 
@@ -84,9 +86,11 @@ class Meter:
 
 @torch.no_grad()
 def log_grid(tracker: tracking.Run, ema: enat.ENAT, mcfg: enat.ENATConfig, cfg: TrainJobConfig, dataset: dict,
-             step: int) -> None:
-    """A sample grid from the EMA model, decoded through the dataset's tokenizer (class models)."""
-    if mcfg.text_conditioned:
+             step: int, prompts: Optional[dict] = None) -> None:
+    """A sample grid from the EMA model, decoded through the dataset's tokenizer: 4 samples of each of
+    ``mlflow.grid_classes`` (class models), or of each fixed caption of ``prompts`` (text models; the
+    captions are logged beside the grid as ``samples/captions.json``)."""
+    if mcfg.text_conditioned and not prompts:
         return
     t = dataset["tokenizer"]
     section = TokenizerSection(kind=t["kind"], weights=t.get("weights"), preset=t.get("preset") or "mage-f16",
@@ -97,16 +101,62 @@ def log_grid(tracker: tracking.Run, ema: enat.ENAT, mcfg: enat.ENATConfig, cfg: 
         print(f"[train] no sample grid: {e}", flush=True)
         return
     device = next(ema.parameters()).device
-    classes = [c for c in cfg.mlflow.grid_classes if c < mcfg.num_classes] or [0]
-    labels = torch.tensor(classes, device=device).repeat_interleave(4)
-    toks = enat.generate(ema, labels, enat.SamplerConfig(), generator=torch.Generator(device).manual_seed(0))
+    if mcfg.text_conditioned:
+        cond = prompts["context"].to(device).float().repeat_interleave(4, dim=0)
+        tracker.log_dict({"step": step, "captions": prompts["captions"], "samples_per_caption": 4},
+                         "samples/captions.json")
+    else:
+        classes = [c for c in cfg.mlflow.grid_classes if c < mcfg.num_classes] or [0]
+        cond = torch.tensor(classes, device=device).repeat_interleave(4)
+    toks = enat.generate(ema, cond, enat.SamplerConfig(), generator=torch.Generator(device).manual_seed(0))
     g = mcfg.grid
     imgs = decode_images(tok.to(device), toks.view(-1, g, g), None).clamp(0, 1).cpu()
     tracker.log_grid(imgs, nrow=4, key="samples", step=step)
 
 
-def finish(tracker: tracking.Run, cfg: TrainJobConfig, step: int, ckpt_name: Optional[str]) -> None:
-    """Tag the run with the final EMA checkpoint and end it."""
+def grid_prompts(cfg: TrainJobConfig, batch: dict) -> Optional[dict]:
+    """The text grid's fixed captions: the first non-empty captions of the first batch (and their
+    features), so every grid of a run shows the same prompts."""
+    if "caption" not in batch:
+        return None
+    keep = [i for i, c in enumerate(batch["caption"]) if c][:cfg.mlflow.grid_captions]
+    if not keep:
+        return None
+    return {"captions": [batch["caption"][i] for i in keep], "context": batch["context"][keep].clone()}
+
+
+def log_dataset(tracker: tracking.Run, cfg: TrainJobConfig, split: SplitInfo) -> None:
+    """The token split as the run's training input (MLflow lineage): where it is, the digest of its
+    manifest (every shard's sha256), its size and the tokenizer that made it."""
+    ds = split.dataset
+    tok = ds.get("tokenizer") or {}
+    digest = fingerprint([row["sha256"] for row in split.shards])
+    tracker.log_dataset(f"{cfg.data.root.rstrip('/').rsplit('/', 1)[-1]}/{cfg.data.split}", cfg.data.root, digest,
+                        "train", {"split": cfg.data.split, "num_samples": split.samples,
+                                  "resolution": ds.get("resolution"), "seq_len": ds.get("seq_len"),
+                                  "tokenizer": {k: tok.get(k) for k in ("kind", "preset", "weights_sha256")},
+                                  "source": (ds.get("source") or {}).get("root")})
+
+
+def finish(tracker: tracking.Run, cfg: TrainJobConfig, mcfg: enat.ENATConfig, split: SplitInfo, step: int,
+           ckpt_name: Optional[str]) -> None:
+    """Tag the run with the final EMA checkpoint, register it in the model registry (``mlflow.register``)
+    and end the run."""
     final = storage.join(cfg.output.uri, cfg.train.run_name, ckpt_name or "", "ema.pt")
     tracker.set_tags({"final_ema_checkpoint": storage.redact(final), "final_step": str(step)})
+    if cfg.mlflow.register and ckpt_name:
+        name = cfg.mlflow.model_name or cfg.train.run_name
+        version = tracker.register_checkpoint(name, final, step, registry_metadata(cfg, mcfg, split),
+                                              tuple(cfg.mlflow.aliases))
+        print(f"[train] registered models:/{name}/{version} -> {storage.redact(final)}", flush=True)
     tracker.end()
+
+
+def registry_metadata(cfg: TrainJobConfig, mcfg: enat.ENATConfig, split: SplitInfo) -> dict:
+    """What a registered version records besides its weights: the model config, the tokenizer and the
+    token dataset it was trained on."""
+    tok = split.dataset.get("tokenizer") or {}
+    return {"model_config": mcfg.to_dict(),
+            "tokenizer": {k: tok.get(k) for k in ("kind", "preset", "weights", "weights_sha256")},
+            "dataset": {"uri": cfg.data.root, "split": cfg.data.split,
+                        "digest": fingerprint([row["sha256"] for row in split.shards])}}
