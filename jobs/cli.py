@@ -48,8 +48,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[cmd][0])
     sys.argv = [f"enat {cmd}", *rest]
-    rc = module.main(rest)
-    return rc if isinstance(rc, int) else 0
+    if cmd in ("demo", "core-demo", "submit"):
+        rc = module.main(rest)
+        return rc if isinstance(rc, int) else 0
+    from pipeline.cluster import cli
+
+    return cli(module.main, rest, cmd)  # a user-caused error: one readable line, exit status 2
 
 
 if __name__ == "__main__":

@@ -58,4 +58,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from pipeline.cluster import cli
+
+    sys.exit(cli(main, sys.argv[1:], "register"))

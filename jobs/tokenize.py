@@ -31,4 +31,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from pipeline.cluster import cli
+
+    sys.exit(cli(main, sys.argv[1:], "tokenize"))

@@ -17,11 +17,13 @@ validated (and the token dataset opened, once: the workers get what the driver r
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Optional, Sequence
 
 from pipeline.config import ConfigError, dump_config, parse_job_args
 from pipeline.models import model_config
 from pipeline.shards import SplitInfo, open_split
+from pipeline.cluster import preflight, ray_session, user_error
 from pipeline.storage import redact
 from pipeline.train import TrainJobConfig, run_ray, train_loop, uses_gpu
 
@@ -33,7 +35,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainJobConfig:
 def validate(cfg: TrainJobConfig) -> SplitInfo:
     """Checks that need the data, before any worker starts: the dataset exists and the model fits it.
     -> the split (dataset.json and manifest), handed to the workers."""
-    split = open_split(cfg.data.root, cfg.data.split, cfg.storage)
+    try:
+        split = open_split(cfg.data.root, cfg.data.split, cfg.storage)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.root: {e}; point it at a token dataset written by enat tokenize") from None
     mcfg = model_config(cfg.model, dataset=split.dataset)
     if not split.dataset.get("num_classes") and not mcfg.text_conditioned:
         raise ConfigError(f"data.root: {redact(cfg.data.root)} has neither class labels nor text features")
@@ -44,17 +49,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     cfg = parse_args(argv)
     print("[train] config:\n" + redact(dump_config(cfg)), flush=True)
     split = validate(cfg)
+    preflight(cfg)
     if cfg.launcher == "torchrun":
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if uses_gpu(cfg) else "cpu")
         return train_loop({"config": cfg, "split": split})
-    from pipeline.cluster import ray_session
     with ray_session(cfg.ray):
         result = run_ray(cfg, split)
     if result.error:
-        raise SystemExit(f"[train] failed: {result.error}")
+        raise SystemExit(f"enat train: error: {user_error(result.error) or result.error}")
     print(f"[train] done; latest checkpoint: {result.checkpoint}", flush=True)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.cluster import cli
+
+    sys.exit(cli(main, sys.argv[1:], "train"))

@@ -226,7 +226,58 @@ def run_job(cfg: Any, what: str, run: Callable[..., dict]) -> dict:
     from pipeline.storage import redact
 
     print(f"[{what}] config:\n" + redact(dump_config(cfg)), flush=True)
+    preflight(cfg)
     with ray_session(cfg.ray):
         summary = run(cfg, log=lambda m: print(m, flush=True))
     print(f"[{what}] summary: " + redact(json.dumps(summary)), flush=True)
     return summary
+
+
+def preflight(cfg: Any) -> None:
+    """Checks on the driver, before Ray or any worker starts, of what a user can get wrong and no retry
+    mends: the MLflow server answers (a worker would otherwise retry for minutes, then be restarted)."""
+    m = getattr(cfg, "mlflow", None)
+    if m is not None and m.enabled:
+        from pipeline import tracking
+
+        tracking.check_reachable(m.tracking_uri)
+
+
+# errors whose message says what to fix; anything else is a bug and keeps its traceback
+_USER_ERRORS = ("ConfigError", "FileNotFoundError", "PermissionError", "EndpointConnectionError",
+                "NoCredentialsError", "AuthenticationError")
+
+
+def user_error(exc: BaseException) -> Optional[str]:
+    """The one-line message of a user-caused error (a bad config value, a missing file, an unreachable
+    endpoint), also when it reaches the driver wrapped in Ray's task / actor errors; None for anything else."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if any(t.__name__ in _USER_ERRORS for t in type(e).__mro__):
+            from pipeline.storage import redact
+
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if type(e).__name__ == "EndpointConnectionError":
+                text = f"storage.endpoint_url: cannot reach the object store ({text}); check the endpoint"
+            return redact(text)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+def cli(main: Callable[..., Any], argv: Sequence[str], what: str) -> int:
+    """Run a job's ``main`` as a command: a user-caused error ends it with one readable line (exit 2)
+    instead of a traceback; other errors keep theirs."""
+    try:
+        main(list(argv))
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"enat {what}: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    return 0

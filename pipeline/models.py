@@ -96,7 +96,7 @@ def build_tokenizer(cfg: TokenizerSection, storage_cfg: storage.StorageLike = No
 
     ``weights_sha256`` is the sha256 of the weights file (or of the state dict for random weights).
     """
-    data = storage.read_url(cfg.weights, storage_cfg) if cfg.weights else None
+    data = storage.read_url(cfg.weights, storage_cfg, "tokenizer.weights") if cfg.weights else None
     if cfg.kind == "vqgan":
         from enat.vqgan import VQGAN
 
@@ -168,7 +168,7 @@ def build_inception(section: InceptionSection, storage_cfg: storage.StorageLike 
     ``section.weights`` is null (FID unavailable)."""
     if not section.weights:
         return None, None
-    data = storage.read_url(section.weights, storage_cfg)
+    data = storage.read_url(section.weights, storage_cfg, "inception.weights")
     net = enat.FIDInception.from_pytorch_fid(io.BytesIO(data), uint8_protocol=section.uint8,
                                              autocast_dtype=torch_dtype(section.precision))
     return net.to(device or "cpu"), hashlib.sha256(data).hexdigest()

@@ -233,10 +233,16 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return fs.cat_file(path)
 
 
-def read_url(url: str, storage: StorageLike = None) -> bytes:
-    """The bytes of the object at ``url``."""
+def read_url(url: str, storage: StorageLike = None, field: Optional[str] = None) -> bytes:
+    """The bytes of the object at ``url``. With ``field`` (the config field that named it), a missing
+    object raises ``FileNotFoundError`` naming the field and the URL."""
     fs, path = filesystem(url, storage)
-    return fs.cat_file(path)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        if field is None:
+            raise
+        raise FileNotFoundError(f"{field}: {redact(url)} does not exist") from None
 
 
 def cat_many(fs: fsspec.AbstractFileSystem, paths: list[str], on_error: str = "raise") -> dict[str, Any]:

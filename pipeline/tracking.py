@@ -35,6 +35,28 @@ def tracking_uri(uri: Optional[str] = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlruns.db')}"
 
 
+def check_reachable(uri: Optional[str] = None, timeout: float = 5.0) -> None:
+    """Raise ``ConfigError`` naming ``mlflow.tracking_uri`` when an http(s) tracking server does not answer
+    its health check (MLflow's own client would retry for minutes first)."""
+    import urllib.error
+    import urllib.request
+
+    from pipeline.config import ConfigError
+
+    uri = tracking_uri(uri)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy may not expose /health)
+    except OSError as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"mlflow.tracking_uri: cannot reach the MLflow server at {redact(uri)} ({reason}); start "
+                          f"it, fix the URI (or MLFLOW_TRACKING_URI), or set mlflow.enabled=false") from None
+
+
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """Nested mappings → ``{"a.b.c": value}``; lists/tuples stay values (logged as their text)."""
     if isinstance(d, Mapping):

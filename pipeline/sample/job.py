@@ -145,7 +145,7 @@ def _read_reference(cfg: SampleJobConfig) -> tuple[Optional[tuple], Optional[dic
     """(mu, sigma) of ``fid.reference`` and its identity, or (None, None)."""
     if not cfg.fid.reference:
         return None, None
-    data = storage.read_url(cfg.fid.reference, cfg.storage)
+    data = storage.read_url(cfg.fid.reference, cfg.storage, "fid.reference")
     return enat.load_reference_stats(data), {"uri": storage.redact(cfg.fid.reference), "sha256": sha256(data)}
 
 

@@ -178,7 +178,7 @@ def build_plan(cfg: SampleJobConfig) -> SamplePlan:
         if not p.captions:
             raise ConfigError("plan.captions: required for a text-conditioned model (COCO captions JSON, a JSON "
                               "list or a .txt of prompts)")
-        captions = caption_plan(read_prompts(storage.read_url(p.captions, cfg.storage), p.captions), n, p.seed)
+        captions = caption_plan(read_prompts(storage.read_url(p.captions, cfg.storage, "plan.captions"), p.captions), n, p.seed)
     elif p.labels == "balanced":
         labels = balanced_labels(n, mcfg.num_classes)
     else:

@@ -166,7 +166,7 @@ class UnitRunner:
 
 def load_model(cfg: SampleJobConfig, mcfg: enat.ENATConfig) -> tuple[enat.ENAT, str]:
     """(ENAT in eval mode from ``model.checkpoint``, sha256 of the checkpoint bytes)."""
-    data = storage.read_url(cfg.model.checkpoint, cfg.storage)
+    data = storage.read_url(cfg.model.checkpoint, cfg.storage, "model.checkpoint")
     try:
         model = enat.ENAT.from_official(io.BytesIO(data), mcfg)
     except ValueError as e:
