@@ -56,6 +56,14 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _session_token() -> None:
     """Token authentication for the embedded Ray, with the token in this process's environment (inherited
     by the processes Ray starts) instead of the file ``~/.ray/auth_token`` Ray would otherwise write into
@@ -115,12 +123,25 @@ def init_ray(cfg: RayConfig = RayConfig()) -> bool:
     else:
         _loopback_only()
         _session_token()
-        # one machine: no node is preempted, so Ray Train's preemption watcher has nothing to watch
-        env = {**worker_env(cfg.verbose), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-        # address='local': always a new embedded Ray, never a cluster someone started on this machine
-        ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                 object_store_memory=cfg.object_store_memory, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env}, **_ray_logging(cfg.verbose))
+        # The GCS port is chosen here so that the workers can be told which cluster is theirs: Ray Train's
+        # controller queries actor states through the state API, which otherwise finds "the latest" Ray
+        # running on the machine (another user's, another job's). One machine: no node is preempted, so
+        # Ray Train's preemption watcher has nothing to watch.
+        port = _free_port()
+        env = {**worker_env(cfg.verbose), "RAY_ADDRESS": f"127.0.0.1:{port}",
+               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+        saved = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            # address='local': always a new embedded Ray, never a cluster someone started on this machine
+            ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                     object_store_memory=cfg.object_store_memory, include_dashboard=True,
+                     dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, **_ray_logging(cfg.verbose))
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = saved
         _EMBEDDED = True
     _quiet_ray_data(cfg.verbose)
     if not cfg.verbose:

@@ -286,3 +286,19 @@ def test_overrides_only_change_sizes_and_locations(sampled):
     for name, overrides in _RUNS.items():
         keys = {o.split("=", 1)[0] for o in overrides}
         assert keys <= SIZE_KEYS | LOCATION_KEYS, (name, keys - SIZE_KEYS - LOCATION_KEYS)
+
+
+def test_register_any_checkpoint_and_move_an_alias(trained, world):
+    """`enat register <checkpoint folder> --alias candidate`: a new version of the training run's model,
+    logged into the training run, pointing at that folder's ema.pt; models:/<name>@candidate resolves to it."""
+    from jobs import register
+    from pipeline import tracking
+
+    run_name, ckpt = next(iter(trained.values()))
+    out = register.main([ckpt, "--alias", "candidate", "--tracking-uri", world["mlflow"],
+                         "--endpoint-url", world["endpoint"]])
+    assert out["name"] == run_name and int(out["version"]) >= 2
+    model = tracking.resolve_model(world["mlflow"], f"models:/{run_name}@candidate")
+    assert (model["version"], model["checkpoint"], model["step"]) == (out["version"], ckpt + "/ema.pt", 2)
+    import mlflow
+    assert mlflow.MlflowClient(world["mlflow"]).get_run(model["run_id"]).data.tags["enat_run_name"] == run_name

@@ -123,7 +123,7 @@ def test_bad_config_fails_before_any_worker(tmp_path, override, match):
 
 
 def test_missing_dataset_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset.json"):
+    with pytest.raises(ConfigError, match=r"^data.root: .*dataset.json: not found"):
         _train(COMMON + [f"data.root={tmp_path / 'nope'}"])
 
 
