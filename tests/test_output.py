@@ -71,7 +71,9 @@ def test_tokenize_and_train_print_a_readable_log(tmp_path):
 def _job(args: list[str], tmp_path: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=_env(home), capture_output=True,
+    env = {**_env(home), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -83,6 +85,9 @@ def test_user_errors_end_in_one_readable_line(tmp_path):
         (["jobs.train", f"data.root={tmp_path}/nothing"], "data.root: "),
         (["jobs.sample", f"model.checkpoint={tmp_path}/w.pt", "output.uri=o", "model.preset=enat-s",
           f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}"], "mlflow.tracking_uri: cannot reach the MLflow server"),
+        (["jobs.tokenize", "source.root=s3://images/imagenet", "output.uri=tokens", "tokenizer.kind=vqgan",
+          f"storage.endpoint_url=http://127.0.0.1:{free_port()}", "mlflow.enabled=false"],
+         "storage.endpoint_url: cannot reach the object store"),
     ]
     for args, message in cases:
         r = _job(args, tmp_path)
