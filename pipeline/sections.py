@@ -6,7 +6,7 @@ Every job config has these sections under the same names::
     ray:      how to reach Ray (RayConfig)
     compute:  the worker pool: workers, gpus_per_worker, cpus_per_worker, device, progress
     mlflow:   tracking (MLflowSection; the train and sample jobs extend it)
-    output:   where the job writes: output.uri (each job's own section, always with `uri`)
+    output:   where the job writes: output.uri (OutputSection; a job may extend it, always with `uri`)
 
 Precisions are ``fp32`` / ``bf16`` / ``fp16`` everywhere (:data:`Precision`); :func:`torch_dtype` maps
 them to torch. Job-specific fields extend these classes in the job's own package.
@@ -75,6 +75,14 @@ class ComputeSection:
             raise ValueError(f"workers: must be >= 1, got {self.workers}")
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise ValueError("gpus_per_worker must be >= 0 and cpus_per_worker > 0")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    """Where a resumable job writes (the sample and train jobs extend or replace it with their own)."""
+
+    uri: str = location("")  # output folder URL (required)
+    overwrite: bool = False  # redo units already committed from other inputs or settings
 
 
 @dataclass(frozen=True)

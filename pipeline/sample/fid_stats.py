@@ -23,18 +23,12 @@ import enat
 from pipeline import storage
 from pipeline.cluster import pick_device, run_pool
 from pipeline.commits import CommitLog, file_identity, fingerprint, sha256
-from pipeline.config import ConfigError, location
+from pipeline.config import ConfigError
 from pipeline.models import InceptionSection, build_inception
 from pipeline.sample.config import COMPUTE_RENAMED, FORMAT_VERSION, TORCH_SPELLING, RealImagesConfig
 from pipeline.sample.formats import (adm_npz_layout, merge_stats, npz_bytes, read_adm_npz_rows, read_unit_stats,
                                      stats_npz_bytes)
-from pipeline.sections import ComputeSection, RayConfig, StorageConfig
-
-
-@dataclass(frozen=True)
-class FidStatsOutput:
-    uri: str = location("")  # output folder URL: fid_stats.npz (mu, sigma), manifest.json, _parts/
-    overwrite: bool = False  # redo units committed from other images or weights
+from pipeline.sections import ComputeSection, OutputSection, RayConfig, StorageConfig
 
 
 @dataclass(frozen=True)
@@ -46,7 +40,7 @@ class FidStatsJobConfig:
 
     source: RealImagesConfig = field(default_factory=RealImagesConfig)
     inception: InceptionSection = field(default_factory=InceptionSection)
-    output: FidStatsOutput = field(default_factory=FidStatsOutput)
+    output: OutputSection = field(default_factory=OutputSection)  # fid_stats.npz (mu, sigma), manifest.json, _parts/
     compute: ComputeSection = field(default_factory=ComputeSection)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)

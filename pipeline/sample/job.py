@@ -44,10 +44,11 @@ from pipeline.cluster import run_pool
 from pipeline.commits import CommitLog, sha256
 from pipeline.config import ConfigError, config_to_dict
 from pipeline.sample.config import FORMAT_VERSION, SampleJobConfig
-from pipeline.sample.fid_stats import FidStatsJobConfig, FidStatsOutput, run_fid_stats
+from pipeline.sample.fid_stats import FidStatsJobConfig, run_fid_stats
 from pipeline.sample.formats import merge_stats, npz_bytes, png_bytes, read_grid, read_unit_stats, write_adm_npz
 from pipeline.sample.plan import SamplePlan, build_plan
 from pipeline.sample.runner import SampleActor
+from pipeline.sections import OutputSection
 
 
 def run_sample(cfg: SampleJobConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -152,7 +153,7 @@ def _read_reference(cfg: SampleJobConfig) -> tuple[Optional[tuple], Optional[dic
 def _compute_reference(cfg: SampleJobConfig, log: Callable[[str], None]) -> tuple[tuple, dict]:
     """The reference statistics of ``fid.reference_images``, by the fid-stats job into {output.uri}/reference."""
     ref_cfg = FidStatsJobConfig(source=cfg.fid.reference_images, inception=cfg.inception,
-                                output=FidStatsOutput(storage.join(cfg.output.uri, "reference")),
+                                output=OutputSection(storage.join(cfg.output.uri, "reference")),
                                 compute=cfg.compute, storage=cfg.storage)
     ref_summary = run_fid_stats(ref_cfg, log)
     ref = enat.load_reference_stats(storage.read_url(ref_summary["stats"], cfg.storage))

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 from pipeline.config import ConfigError, location
 from pipeline.models import TokenizerSection
-from pipeline.sections import ComputeSection, MLflowSection, RayConfig, StorageConfig
+from pipeline.sections import ComputeSection, MLflowSection, OutputSection, RayConfig, StorageConfig
 from pipeline.text import TextConfig
 
 
@@ -93,14 +93,6 @@ class TokenizeSection:
 
 
 @dataclass(frozen=True)
-class OutputSection:
-    """Where the shards go: {uri}/{split}/{split}-000000.tar, manifest.parquet, rejects.parquet, dataset.json."""
-
-    uri: str = location("")  # output root URL (required)
-    overwrite: bool = False  # redo shards already committed with a different plan/tokenizer
-
-
-@dataclass(frozen=True)
 class TokenizeComputeSection(ComputeSection):
     """The encoder actor pool (``workers`` of them) and where decode + crop runs."""
 
@@ -124,7 +116,8 @@ class TokenizeJobConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)  # the VQ encoder (precision: autocast)
     text: TextConfig = field(default_factory=TextConfig)  # caption encoder (coco only)
     tokenize: TokenizeSection = field(default_factory=TokenizeSection)  # the shards
-    output: OutputSection = field(default_factory=OutputSection)  # where they go
+    # where the shards go: {uri}/{split}/{split}-000000.tar, manifest.parquet, rejects.parquet, dataset.json
+    output: OutputSection = field(default_factory=OutputSection)
     compute: TokenizeComputeSection = field(default_factory=TokenizeComputeSection)  # the encoder pool
     storage: StorageConfig = field(default_factory=StorageConfig)  # object-store settings
     ray: RayConfig = field(default_factory=RayConfig)  # how to reach Ray
