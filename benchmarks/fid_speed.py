@@ -1,4 +1,4 @@
-"""FID cost on this machine: FIDInception images/s (fp32, bf16 autocast) and the statistics reduction.
+"""FID cost on this machine: FIDInception images/s (plain / fused, fp32 / bf16 autocast) and the statistics.
 
     .venv/bin/python benchmarks/fid_speed.py            # batch 8, 50,000 x 2048 features, FD at D=2048
     .venv/bin/python benchmarks/fid_speed.py --tiny     # seconds-long smoke run
@@ -10,6 +10,7 @@ resize to 299 is included). Prints figures only.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -27,21 +28,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def network_rate(device: torch.device, batch: int, res: int, iters: int, dtype) -> tuple[float, float]:
-    """(median, best) images/s over `iters` timed batches; the best is the figure least disturbed by
-    other work on a shared machine."""
-    net = FIDInception(autocast_dtype=dtype).to(device)
+def network_rates(device: torch.device, batch: int, res: int, iters: int) -> dict[str, tuple[float, float, float]]:
+    """{case: (median, best images/s, max relative pool3 difference to plain fp32)} over `iters` timed batches
+    per case, the cases timed round-robin so that load from other work hits all alike. Cases: the network
+    run module by module as pytorch-fid does ("plain"), and the default fused path (BN folded into the
+    convolutions, channels-last), in fp32 and under bf16 autocast. The best is the figure least disturbed
+    by other work on a shared machine."""
+    plain = FIDInception(fused=False).to(device)
+    fused = FIDInception().to(device)
+    fused.load_state_dict(plain.state_dict())
+    plain_bf16, fused_bf16 = copy.deepcopy(plain), copy.deepcopy(fused)
+    plain_bf16.autocast_dtype = fused_bf16.autocast_dtype = torch.bfloat16
+    nets = {"fp32 plain": plain, "fp32 fused": fused, "bf16 plain": plain_bf16, "bf16 fused": fused_bf16}
     x = torch.rand(batch, 3, res, res, device=device)
-    times = []
+    times: dict[str, list[float]] = {k: [] for k in nets}
     with torch.no_grad():
-        net(x)  # warm-up: oneDNN / cuDNN algorithm selection
+        ref = plain(x)[0]  # also the warm-up of the plain path
+        err = {k: float((net(x)[0] - ref).abs().max() / ref.abs().max()) for k, net in nets.items()}  # warm-up
         for _ in range(iters):
-            _sync(device)
-            t = time.perf_counter()
-            net(x)
-            _sync(device)
-            times.append(time.perf_counter() - t)
-    return batch / statistics.median(times), batch / min(times)
+            for k, net in nets.items():
+                _sync(device)
+                t = time.perf_counter()
+                net(x)
+                _sync(device)
+                times[k].append(time.perf_counter() - t)
+    return {k: (batch / statistics.median(v), batch / min(v), err[k]) for k, v in times.items()}
 
 
 def stats_cost(device: torch.device, n: int, dim: int, chunk: int) -> dict[str, float]:
@@ -82,10 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
 
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
-        med, best = network_rate(device, args.batch, args.res, args.iters, dtype)
-        print(f"FIDInception {name}: {med:.2f} images/s median, {best:.2f} best of {args.iters} "
-              f"(batch {args.batch}, {args.res}px -> 299)")
+    rates = network_rates(device, args.batch, args.res, args.iters)
+    for name, (med, best, err) in rates.items():
+        print(f"FIDInception {name:<10}: {med:7.2f} images/s median, {best:7.2f} best of {args.iters} "
+              f"(batch {args.batch}, {args.res}px -> 299); pool3 max rel diff to fp32 plain {err:.1e}")
+    print(f"fused / plain: fp32 {rates['fp32 fused'][0] / rates['fp32 plain'][0]:.2f}x, "
+          f"bf16 {rates['bf16 fused'][0] / rates['bf16 plain'][0]:.2f}x (medians)")
     r = stats_cost(device, args.n, args.dim, args.chunk)
     print(f"FeatureStats.update: {args.n} x {args.dim} in chunks of {args.chunk}: {r['update_s']:.2f} s "
           f"({args.n / r['update_s']:.0f} features/s)")

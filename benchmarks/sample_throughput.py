@@ -4,7 +4,9 @@ how the time splits, plus the cost of merging FID statistics of 50,000 × 2048 f
     .venv/bin/python benchmarks/sample_throughput.py             # ENAT-S, batch 16, 8 steps, MAGE VQGAN, 256 px
     .venv/bin/python benchmarks/sample_throughput.py --tiny      # seconds-long smoke run (tiny models)
     .venv/bin/python benchmarks/sample_throughput.py --device cuda --preset enat-l --batch 125 --samples 2000 \\
-        --precision bf16 --decode-precision bf16
+        --precision bf16 --decode-precision bf16 --inception-precision bf16
+
+Beside the official evaluation loop (same weights, alternating batch by batch): benchmarks/sample_vs_official.py.
 
 Random weights everywhere (speed does not depend on them): ENAT of the preset, the MAGE f16 VQGAN,
 pytorch-fid's Inception architecture. The worker is the job's own `UnitRunner` writing PNG tars, npz and
@@ -49,7 +51,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> None:
         tok = VQGAN("mage-f16")
     model = enat.ENAT(mcfg).eval().to(device)
     tok = tok.to(device)
-    inception = FIDInception().to(device)
+    inc_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.inception_precision]
+    inception = FIDInception(autocast_dtype=inc_dtype).to(device)
     sampler = sample.SamplerSection(steps=args.steps, precision=args.precision, compile=args.compile).resolve()
     n = args.samples
     labels = np.arange(n) % mcfg.num_classes  # every class in turn
@@ -75,7 +78,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> None:
     res = mcfg.grid * int(tok.downsample)
     print(f"device {device}, threads {torch.get_num_threads()}, model "
           f"{'tiny' if args.tiny else args.preset} ({mcfg.depth} blocks, dim {mcfg.dim}), {args.steps} steps, "
-          f"sampler precision {args.precision}, decode precision {args.decode_precision}, {res} px, "
+          f"sampler precision {args.precision}, decode precision {args.decode_precision}, inception precision "
+          f"{args.inception_precision}, {res} px, "
           f"batch {args.batch}, unit {args.unit}, {n} samples")
     print(f"end to end: {n / wall:.3f} samples/s ({wall:.1f} s for {n}; {wall / n * 1000:.0f} ms/sample)")
     for k, v in secs.items():
@@ -144,6 +148,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="sampler.precision")
     p.add_argument("--decode-precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="tokenizer.precision")
+    p.add_argument("--inception-precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="inception.precision")
     p.add_argument("--png-threads", type=int, default=4)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -80,6 +80,22 @@ def make_tokenizer(kind: str, resolution: int, workdir: Path, seed: int = 0) -> 
     return None, tok
 
 
+class OfficialVQGAN(torch.nn.Module):
+    """The official taming VQModel holding our VQGAN's weights, with the tokenizer's ``encode`` (codes)."""
+
+    def __init__(self, root: str, ours: torch.nn.Module):
+        super().__init__()
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from vqgan_speed import official_vqmodel
+
+        self.model = official_vqmodel(root, ours.config)
+        self.model.load_state_dict(ours.state_dict())
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(images)[2][2].view(images.shape[0], -1)  # as official: extract_imagenet_feature.py
+
+
 # ---------------------------------------------------------------------------------------------------
 # The official approach (extract_imagenet_feature.py + dataset.py ImageDataset), re-expressed
 
@@ -219,7 +235,12 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="CPU counts to compare")
     p.add_argument("--tokenizer", choices=["patch", "vqgan"], default="patch")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="official approach's device")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per encoder forward (default 128; 8 for --tokenizer vqgan on CPU, where 128 "
+                        "images + flips need ~40 GB of activations in the official model)")
+    p.add_argument("--official", default=str(REPO / ".official"),
+                   help="official ENAT checkout: with --tokenizer vqgan the official approach encodes with its "
+                        "taming VQModel (same weights); without a checkout it uses ours")
     p.add_argument("--samples-per-shard", type=int, default=128)
     p.add_argument("--actors", type=int, default=0, help="encoder actors (0: one per worker on CPU, 1 on GPU)")
     p.add_argument("--actor-gpus", type=float, default=0.0)
@@ -233,6 +254,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions; the table shows medians")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 8 if args.tokenizer == "vqgan" and args.device == "cpu" else 128
     if args.tiny:
         args.images, args.resolution, args.workers, args.batch_size = 24, 64, [1], 8
         args.samples_per_shard = 8
@@ -246,6 +269,8 @@ def main(argv=None) -> dict:
             make_images(data, args.images, classes=8, size_range=(60, 90) if args.tiny else (300, 520))
             print(f"generated {args.images} JPEGs in {time.perf_counter() - t:.1f} s", flush=True)
         weights, tok = make_tokenizer(args.tokenizer, args.resolution, work)
+        if args.tokenizer == "vqgan" and args.official and (Path(args.official) / "taming").is_dir():
+            tok = OfficialVQGAN(args.official, tok)  # the official approach runs the official model
         results = {"config": {k: v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
                    "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(), "runs": []}
         for rep in range(args.repeats):  # interleaved, so drifting load on a shared machine hits both

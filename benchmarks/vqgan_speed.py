@@ -38,10 +38,13 @@ def official_vqmodel(root: str, cfg: VQGANConfig) -> torch.nn.Module:
                           embed_dim=cfg.embed_dim).eval()
 
 
+CLOCK = time.perf_counter
+
+
 def elapsed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
+    t = CLOCK()
     fn()
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +58,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time decode under autocast with this dtype")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU time (with --threads 1, robust on a shared machine: "
+                         "time spent waiting for a core is not counted)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc keeps freed blocks (as the tokenize workers do); applies to both models")
     args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.keep_freed_memory:
+        from pipeline.tokenize.encode import keep_freed_memory
+
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -101,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         cases["official encode"] = timed(off_encode)
         cases["official decode"] = timed(off_decode)
 
-    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} res={res} "
+    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} res={res} clock={args.clock} "
           f"config={'tiny' if args.tiny else 'mage-f16'} torch={torch.__version__}")
     for fn in cases.values():  # warm-up (allocator, oneDNN primitive caches)
         fn()

@@ -29,15 +29,40 @@ NUM_CLASSES = 1008  # the TF graph's softmax: 1000 ImageNet classes + 8 unused
 # ----------------------------------------------------------------------------------------------------
 
 class BasicConv2d(nn.Module):
-    """Conv (no bias) → BatchNorm (eps 0.001, as the TF graph) → ReLU. Keys: `conv.*`, `bn.*`."""
+    """Conv (no bias) → BatchNorm (eps 0.001, as the TF graph) → ReLU. Keys: `conv.*`, `bn.*`.
+
+    `fused` (default): one convolution with the BatchNorm folded into its weight and bias (eval
+    statistics), the weight channels-last — the same function up to fp32 rounding (~1e-7 relative),
+    ~1.3x faster on oneDNN. `fused=False` runs the modules as written (the reference path)."""
 
     def __init__(self, cin: int, cout: int, kernel_size: _Size, stride: _Size = 1, padding: _Size = 0) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
+        self.fused = True
+        self._folded: Optional[tuple] = None  # (key, weight, bias); not state: rebuilt from the parameters
+
+    def folded(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(weight [cout, cin, kh, kw] channels-last, bias [cout]) of conv∘BN in `dtype`, folded in the
+        parameters' precision and cached until a parameter or buffer is replaced, moved or edited in place."""
+        bn = self.bn
+        srcs = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = (dtype, *((t.data_ptr(), t._version) for t in srcs))
+        if self._folded is None or self._folded[0] != key:
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (cout,)
+            w = (self.conv.weight * scale[:, None, None, None]).to(dtype)
+            self._folded = (key, w.contiguous(memory_format=torch.channels_last),
+                            (bn.bias - bn.running_mean * scale).to(dtype))
+        return self._folded[1], self._folded[2]
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.bn(self.conv(x)), inplace=True)
+        if not self.fused:
+            return F.relu(self.bn(self.conv(x)), inplace=True)
+        dev = x.device.type
+        # Under autocast the weights are cast once here (and cached), not on every call by autocast.
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.conv.weight.dtype
+        w, b = self.folded(dtype)
+        return F.relu_(F.conv2d(x, w, b, self.conv.stride, self.conv.padding))
 
 
 def _avg_pool_tf(x: Tensor) -> Tensor:
@@ -189,13 +214,16 @@ class FIDInception(nn.Module):
       `fc(pool3)`, the TF graph's full head (pytorch-fid's `Inception3.fc`).
     - `autocast_dtype`: run the convolutions under `torch.autocast` in bf16/fp16; `None` (default) runs
       fp32 even inside a caller's autocast region. Outputs are float32 either way.
+    - `fused` (default True): BatchNorm folded into the convolutions and channels-last activations
+      (differs from pytorch-fid only by fp32 rounding: features within ~1e-6 relative, tied to the plain
+      path by tests/test_equiv_sample_job.py); `False`: the modules as pytorch-fid runs them.
 
     The module is frozen: parameters do not require grad and `train()` keeps it in eval mode (batch
     statistics would change the features).
     """
 
     def __init__(self, *, uint8_protocol: bool = False, logits_bias: bool = False,
-                 autocast_dtype: Optional[torch.dtype] = None) -> None:
+                 autocast_dtype: Optional[torch.dtype] = None, fused: bool = True) -> None:
         super().__init__()
         self.uint8_protocol = uint8_protocol
         self.logits_bias = logits_bias
@@ -218,8 +246,21 @@ class FIDInception(nn.Module):
         self.Mixed_7b = InceptionE(1280, pool="avg")
         self.Mixed_7c = InceptionE(2048, pool="max")
         self.fc = nn.Linear(2048, NUM_CLASSES)
+        self.fused = fused
         self.requires_grad_(False)
         self.eval()
+
+    @property
+    def fused(self) -> bool:
+        """Folded conv+BN, channels-last (see the class docstring); settable."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self._fused = bool(value)
+        for m in self.modules():
+            if isinstance(m, BasicConv2d):
+                m.fused = self._fused
 
     @classmethod
     def from_pytorch_fid(cls, source: Source, **kwargs) -> "FIDInception":
@@ -283,6 +324,8 @@ class FIDInception(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images [B, 3, H, W] float in [0, 1] or uint8 → (pool3 float32 [B, 2048], logits float32 [B, 1008])."""
         x = self.preprocess(images)
+        if self.fused:  # oneDNN's convolutions and pools run faster on NHWC activations
+            x = x.contiguous(memory_format=torch.channels_last)
         dtype = self.autocast_dtype
         # enabled=False also switches off a caller's autocast region: fp32 unless asked otherwise.
         with torch.autocast(device_type=x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):

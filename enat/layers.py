@@ -4,11 +4,13 @@ The modules of the official code (LeapLabTHU/ENAT, libs/models.py), with its sta
 block with adaLN-Zero and SC-attention (`Block`, `SCAttention`, `MultiwayKV`), the reuse projection
 (`PrevProj`), the token and label embeddings and the MLM head; `enat.model.ENAT` assembles them. Every
 linear layer goes through `linear`, which runs CPU float32 inference GEMMs through oneDNN unless
-`set_cpu_gemm("default")` switched that off for the whole process.
+`set_cpu_gemm("default")` switched that off for the whole process. `fused_inference(model)` (used by the
+sampler) fuses each attention's q and self-stream kv projections into one GEMM for the call's duration.
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,43 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: Optio
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], gelu or "")
     y = F.linear(x, weight, bias)
     return y if gelu is None else F.gelu(y, approximate=gelu)
+
+
+# Inference-only fusions (the sampler's): `fused_inference` sets them up for one call; `set_fused(False)`
+# turns them off for the whole process (the plain path the equivalence tests compare against).
+_FUSED = {"on": True}
+
+
+def set_fused(on: bool) -> None:
+    """Allow (default) or forbid the inference-only fusions of `fused_inference`."""
+    _FUSED["on"] = bool(on)
+
+
+def fused_enabled() -> bool:
+    """True when the inference fusions apply: allowed, and no autograd (they are never used in training)."""
+    return _FUSED["on"] and not torch.is_grad_enabled()
+
+
+@contextmanager
+def fused_inference(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[None]:
+    """For the duration of the block: every SCAttention computes q and its self-stream kv (`kv.B`) with one
+    GEMM against the concatenated weight [q; kv.B] (both read the same input), built once here in `dtype`
+    (the autocast dtype, so bf16 weights are cast once per call, not per GEMM; default the weights' own).
+    Each output element is the same dot product as with the two separate GEMMs (fp32 accumulation; the
+    kernel's summation order may differ, ~1e-7 relative). Used only under `fused_enabled()`."""
+    attns = [m for m in model.modules() if isinstance(m, SCAttention)]
+    if not _FUSED["on"]:
+        yield
+        return
+    try:
+        with torch.no_grad():
+            for a in attns:
+                dt = dtype or a.q.weight.dtype
+                a._qkv = (torch.cat([a.q.weight, a.kv.B.weight]).to(dt), torch.cat([a.q.bias, a.kv.B.bias]).to(dt))
+        yield
+    finally:
+        for a in attns:
+            a._qkv = None
 
 
 def _lin(layer: nn.Linear, x: Tensor, gelu: Optional[str] = None) -> Tensor:
@@ -97,17 +136,22 @@ class SCAttention(nn.Module):
         self.kv = MultiwayKV(dim)
         self.proj = nn.Linear(dim, dim)
         self.impl = "sdpa"   # "sdpa" (flash / fused kernels) or "math" (the official explicit softmax)
+        self._qkv: Optional[tuple[Tensor, Tensor]] = None   # fused [q; kv.B] weight, bias (fused_inference)
 
     def forward(self, x: Tensor, ctx: Optional[Tensor], key_valid: Optional[Tensor]) -> Tensor:
         # x: (B, N, D) modulated self stream; ctx: (B, Nc, D) modulated context stream or None;
         # key_valid: (B, Nc + N) bool or None (None = every key is real)
         B, N, D = x.shape
         H = self.num_heads
-        kv = _lin(self.kv.B, x)
+        if self._qkv is not None and fused_enabled():
+            qkv = linear(x, *self._qkv)                                   # (B, N, 3D): [q | kv.B]
+            q, kv = qkv[..., :D], qkv[..., D:]
+        else:
+            q, kv = _lin(self.q, x), _lin(self.kv.B, x)
         if ctx is not None:
             kv = torch.cat([_lin(self.kv.A, ctx), kv], dim=1)           # (B, Nc + N, 2D)
         Nk = kv.shape[1]
-        q = _lin(self.q, x).view(B, N, H, D // H).transpose(1, 2)        # (B, H, N, hd)
+        q = q.view(B, N, H, D // H).transpose(1, 2)                       # (B, H, N, hd)
         k, v = kv.view(B, Nk, 2, H, D // H).permute(2, 0, 3, 1, 4)       # 2 x (B, H, Nk, hd)
         mask = None if key_valid is None else key_valid[:, None, None, :]
         if self.impl == "math":
@@ -133,14 +177,16 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 8 * dim))
 
     def forward(self, x: Tensor, mod: Tensor, ctx: Optional[Tensor] = None,
-                key_valid: Optional[Tensor] = None) -> Tensor:
-        # x: (B, N, D) tokens being updated; mod: (B, 8D) = adaLN_modulation(c); ctx: (B, Nc, D) or None
+                key_valid: Optional[Tensor] = None, ctx_normed: bool = False) -> Tensor:
+        # x: (B, N, D) tokens being updated; mod: (B, 8D) = adaLN_modulation(c); ctx: (B, Nc, D) or None;
+        # ctx_normed: ctx is already norm1_(ctx) (norm1_ has no parameters, so a caller running several
+        # blocks on the same context normalizes it once: the same values)
         (shift_msa, scale_msa, shift_ctx, scale_ctx, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = mod.chunk(8, dim=1)
         x_mod = modulate(self.norm1(x), shift_msa, scale_msa)
         ctx_mod = None
         if ctx is not None:
-            ctx_mod = modulate(self.norm1_(ctx), shift_ctx, scale_ctx)
+            ctx_mod = modulate(ctx if ctx_normed else self.norm1_(ctx), shift_ctx, scale_ctx)
         # x + gate * f(x) as one fused op
         x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(x_mod, ctx_mod, key_valid))
         return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))

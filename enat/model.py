@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import Source, load_strict, read_state_dict
-from .layers import Block, LabelEmbedding, Mlp, MlmLayer, PrevProj, TokenEmbedding, _lin, linear
+from .layers import Block, LabelEmbedding, Mlp, MlmLayer, PrevProj, TokenEmbedding, _lin, fused_enabled, linear
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,8 +396,13 @@ class ENAT(nn.Module):
             ctx = self.prev_proj(old_feat.detach().to(x.dtype)).to(x.dtype)         # (B, N_old, D)
         enc_valid = _cat_valid(sets.old_valid, sets.new_valid, sets.old, sets.new)
         x_new = _gather(x, sets.new)                                                  # (B, N_new, D)
+        # inference: every encoder block normalizes the same context with the same parameter-free
+        # LayerNorm (norm1_), so it is normalized once here (same values; training keeps the per-block op)
+        ctx_n, normed = ctx, False
+        if ctx is not None and NE and fused_enabled():
+            ctx_n, normed = self.blocks[0].norm1_(ctx), True
         for blk, mod in zip(self.blocks[:NE], mods[:NE]):
-            x_new = blk(x_new, mod, ctx, enc_valid if ctx is not None else sets.new_valid)
+            x_new = blk(x_new, mod, ctx_n, enc_valid if ctx is not None else sets.new_valid, ctx_normed=normed)
         # the fully encoded visible set: reused (projected) old features and the new encoder outputs
         vis = x_new if ctx is None else torch.cat([ctx, x_new], dim=1)
         vis_valid = enc_valid if ctx is not None else sets.new_valid

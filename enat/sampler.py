@@ -13,6 +13,10 @@ Faster but equivalent to the official loop (same tokens given the same random nu
     no visible token exists whose features a later step could reuse;
   - logits, sampling and confidences are computed for the [MASK] positions only (the official code
     computes all L and then discards the visible ones);
+  - the token embedding runs once for both streams (same ids), the condition embedding once per call;
+    each attention's q and self-stream kv are one GEMM and the encoder's reused context is normalized
+    once per step instead of once per block (`enat.layers.fused_inference`; same values up to GEMM
+    summation order, tied to the plain path by tests/test_equiv_sampler.py);
   - the token sets come from the schedule (host-side counts), so there is no host-device sync inside
     the loop and every step has static shapes (`torch.compile` / CUDA graphs apply).
 Randomness is drawn with torch on the model's device from the given generator (the official code uses
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .layers import fused_inference
 from .model import ENAT, TokenSets
 
 # Temperature floor of the official sampler: `max(samp_temp * (1 - ratio), 1e-3)`.
@@ -155,12 +160,14 @@ def generate(model: ENAT, cond: Tensor, config: SamplerConfig = SamplerConfig(),
     both = torch.cat([cond, null], dim=0) if guided else cond  # (2B, ...) conditional then unconditional
     # one autocast context for the whole loop: its weight cache casts each weight once per call
     # (entering it per step would re-cast every weight at every step)
-    with amp:
-        c_both = model.embed_cond(both)[0]
+    # fused_inference: each attention's q and kv.B as one GEMM, weights concatenated (and cast to the
+    # autocast dtype) once per call
+    with amp, fused_inference(model, _DTYPES[config.dtype]):
+        c_both, text_both = model.embed_cond(both)
         mods_both = [blk.adaLN_modulation(c_both) for blk in model.blocks]
         for k in range(config.steps):
             ids, masked, old, new, old_feat = _step(model, net, k, config, counts, ids, masked, old, new,
-                                                    old_feat, both, c_both, mods_both, generator, callback)
+                                                    old_feat, text_both, c_both, mods_both, generator, callback)
     if was_training:
         model.train()
     return ids
@@ -204,7 +211,7 @@ def _sample(cond_logits: Tensor, uncond_logits: Optional[Tensor], scale: float, 
 
 
 def _step(model: ENAT, net, k: int, config: SamplerConfig, counts: list[int], ids: Tensor, masked: Tensor,
-          old: Tensor, new: Tensor, old_feat: Optional[Tensor], both: Tensor, c_both: Tensor,
+          old: Tensor, new: Tensor, old_feat: Optional[Tensor], text_both: Optional[Tensor], c_both: Tensor,
           mods_both: list[Tensor], generator: Optional[torch.Generator],
           callback: Optional[Callable[[int, Tensor], None]]):
     """One sampling step: forward the streams, guide, sample, re-mask; returns the next step's state."""
@@ -220,7 +227,12 @@ def _step(model: ENAT, net, k: int, config: SamplerConfig, counts: list[int], id
     if old_feat is not None and old_feat.shape[0] != nb:
         # step 0 ran the conditional stream only; the unconditional one had no visible token then
         old_feat = old_feat.repeat(nb // old_feat.shape[0], 1, 1)
-    x, _ = model.embed_tokens(ids.repeat(r, 1), both[:nb])
+    # as model.embed_tokens, with the image tokens embedded once for both streams (they share the ids)
+    # and the condition embedded once per call
+    x = model.x_embedder(ids)                             # (B, L, D)
+    x = x.repeat(r, 1, 1) if r > 1 else x
+    if text_both is not None:
+        x = torch.cat([text_both[:nb].to(x.dtype), x], dim=1)
     vis, x_m = net.run_blocks(x, c_both[:nb], sets, old_feat, [m[:nb] for m in mods_both])
     logits = model.head(x_m)                              # (nb, N_mask, K)
 

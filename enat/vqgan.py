@@ -42,8 +42,7 @@ class VQGANConfig:
     ch: int = 128  # base width; every width ch * m must divide into GroupNorm's 32 groups
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # one level per entry; downsample = 2 ** (levels - 1)
     num_res_blocks: int = 2  # ResnetBlocks per level
-    # Listed by the official yaml but unused: this port (like the official one) has NO attention
-    # blocks. Recorded only so the config round-trips with the official one.
+    # in the official yaml but unused: no attention blocks here or there; kept for round trips
     attn_resolutions: tuple[int, ...] = (16,)
     z_channels: int = 256  # encoder output / decoder input channels
     codebook_size: int = 1024  # n_embed
@@ -106,13 +105,25 @@ VQGAN_PRESETS: dict[str, VQGANConfig] = {
 
 
 def _swish_exact(x: torch.Tensor) -> torch.Tensor:
-    # as official: model.py nonlinearity, x * sigmoid(x). F.silu is faster but rounds differently,
-    # and the encoder must stay bit-identical so argmin picks the same codes.
-    if x.requires_grad:
-        return x * torch.sigmoid(x)
-    # sigmoid(x) * x in place: same bits (products commute), one fewer activation-sized allocation;
-    # on CPU every fresh large tensor costs page faults, a large share of the run time.
-    return torch.sigmoid(x).mul_(x)
+    # as official: model.py nonlinearity, x * sigmoid(x); F.silu rounds differently, and the encoder
+    # must stay bit-identical so argmin picks the same codes. In place: same bits (products commute).
+    return x * torch.sigmoid(x) if x.requires_grad else torch.sigmoid(x).mul_(x)
+
+
+class _ReusedSwish:
+    """``_swish_exact`` with the sigmoid in one buffer per shape, reused by every swish of that shape (same
+    bits: x, a fresh GroupNorm output, becomes x·sigmoid(x) in place). A fresh activation-sized tensor
+    page-faults in on CPU (~4x the sigmoid at 256 px). Cleared after each encoder forward."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}  # (shape, dtype, device) -> buffer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad or not x.is_contiguous():
+            return _swish_exact(x)
+        key = (tuple(x.shape), x.dtype, x.device)
+        buf = self.buffers.setdefault(key, torch.empty_like(x)) if key not in self.buffers else self.buffers[key]
+        return x.mul_(torch.sigmoid(x, out=buf))  # (B, C, H, W), x's storage
 
 
 def _swish_fast(x: torch.Tensor) -> torch.Tensor:
@@ -185,8 +196,7 @@ class Upsample(nn.Module):
         w = self.conv.weight
         if w.requires_grad:  # training through the decoder: no cache, keep the graph
             return _upsample_conv_kernel(w)
-        # Folding every call cost ~0.3 s per MAGE decode on 2 CPU cores, so cache it; the key changes
-        # whenever the weight is replaced, moved or edited in place (load_state_dict bumps _version).
+        # cached (folding cost ~0.3 s per decode); the key changes when the weight is replaced/edited
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
@@ -216,7 +226,8 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        ch, act = cfg.ch, _swish_exact
+        ch = cfg.ch
+        act = self._swish = _ReusedSwish()
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1, bias=False)
         self.down = nn.ModuleList()
         block_in = ch
@@ -232,15 +243,16 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 1)  # 1x1, with bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)  # (B, ch, H, W)
-        last = len(self.down) - 1
-        for i, level in enumerate(self.down):
-            for block in level.block:
-                h = block(h)
-            if i != last:
-                h = F.avg_pool2d(h, kernel_size=2, stride=2)  # (B, C, H/2, W/2)
-        h = self.mid(h)
-        return self.conv_out(_swish_exact(self.norm_out(h)))  # (B, z, H/f, W/f)
+        try:
+            h = self.conv_in(x)  # (B, ch, H, W)
+            for i, level in enumerate(self.down):
+                for block in level.block:
+                    h = block(h)
+                if i != len(self.down) - 1:
+                    h = F.avg_pool2d(h, kernel_size=2, stride=2)  # (B, C, H/2, W/2)
+            return self.conv_out(self._swish(self.norm_out(self.mid(h))))  # (B, z, H/f, W/f)
+        finally:
+            self._swish.buffers.clear()
 
 
 class Decoder(nn.Module):
@@ -267,9 +279,8 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # differs from official: channels_last activations and weights (oneDNN runs these convs ~1.5x
-        # faster on CPU; cuDNN prefers NHWC too). Not bit-identical: on MAGE-sized random weights the
-        # max abs difference to the official fp32 decoder is ~4e-5 (official fp32 vs fp64: ~8e-6).
+        # differs from official: channels_last (oneDNN convs ~1.4x faster on CPU; cuDNN likes NHWC). Not
+        # bit-identical: max abs diff to the official fp32 decoder ~4e-5 (official fp32 vs fp64: ~8e-6).
         h = self.conv_in(z.contiguous(memory_format=torch.channels_last))  # (B, C, h, w)
         h = self.mid(h)
         for i in reversed(range(len(self.up))):
@@ -325,8 +336,7 @@ class VQGAN(nn.Module):
         if isinstance(config, str):
             config = VQGANConfig.preset(config)
         self.config = config
-        self.codebook_size = config.codebook_size
-        self.downsample = config.downsample
+        self.codebook_size, self.downsample = config.codebook_size, config.downsample
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.quantize = VectorQuantizer(config.codebook_size, config.embed_dim)
@@ -356,8 +366,7 @@ class VQGAN(nn.Module):
         """
         _check_images(images, self.downsample)
         param = self.quantize.embedding.weight
-        # Contiguous NCHW as the official pipeline feeds it (DataLoader collation): a channels_last
-        # input (e.g. a permuted HWC array) would switch the convs to other kernels and other bits.
+        # contiguous NCHW as the official DataLoader feeds it: channels_last picks other conv kernels/bits
         x = images.to(device=param.device, dtype=param.dtype, memory_format=torch.contiguous_format)
         z = self.encoder(x)  # (B, D, h, w)
         return self.quantize.codes(z)

@@ -16,4 +16,13 @@ if [ -n "$TORCH_SPEC" ]; then "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q -e ".[pipeline,demo,test]"
 # DeepSpeed compiles its ops against the installed torch: no build isolation (g++ needed for CPU ops).
 "$VENV/bin/python" -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
+# On a CPU-only machine DeepSpeed's gloo path uses its shared-memory comm op, compiled on first use into
+# ~/.cache/torch_extensions (a minute or more): build it now, not inside the first training job.
+"$VENV/bin/python" - <<'PY'
+import os, torch
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.comm.torch import build_shm_op
+    build_shm_op()
+PY
 echo "environment ready: $VENV"

@@ -456,9 +456,20 @@ def two_node_ray(tmp_path, subprocess_env):
 # GPU tests
 
 
+# The longest test files first (measured with --durations=0; a file's tests run on one xdist worker,
+# pyproject.toml: --dist loadfile --no-loadscope-reorder): the two workers then pull the long chains at
+# the start and the short files fill the gaps at the end, instead of a long file starting last.
+SLOWEST_FIRST = ["test_demo.py", "test_real_path.py", "test_train_job.py", "test_sampling_job.py",
+                 "test_benchmarks.py", "test_tokenize_job.py", "test_submit.py", "test_two_nodes.py",
+                 "test_sampler.py", "test_objective.py", "test_pinned_outputs.py", "test_cluster.py"]
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` are skipped where CUDA is absent (pyproject.toml registers the marker), unless
-    ENAT_TEST_DEVICE=cpu asks to run them on the CPU (the smoke run of benchmarks/gpu_check.sh)."""
+    """Files in SLOWEST_FIRST order (the rest after them, as collected; tests keep their order within a
+    file). Tests marked `gpu` are skipped where CUDA is absent (pyproject.toml registers the marker),
+    unless ENAT_TEST_DEVICE=cpu asks to run them on the CPU (the smoke run of benchmarks/gpu_check.sh)."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

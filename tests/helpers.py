@@ -128,3 +128,22 @@ def serve_two_node_cluster(info_path: str, head_dir: str, worker_dir: str, cpus:
     while not done:
         time.sleep(0.2)
     cluster.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a job as a user does: a fresh process, a fresh HOME, nothing of the test session's env
+
+
+def user_env(home) -> dict[str, str]:
+    """A user's environment for a job started in a fresh process: HOME is `home` (so nothing lands in the
+    real one), no Ray / MLflow settings of the test session, this repo importable."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "MLFLOW_"))}
+    env.pop("RAY_ADDRESS", None)
+    env.update(HOME=str(home), PYTHONPATH=str(repo), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               # DeepSpeed's compiled CPU op stays where this machine already built it
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                   str(Path.home() / ".cache" / "torch_extensions")))
+    return env

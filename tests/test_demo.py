@@ -1,21 +1,45 @@
-"""The README's main job, `enat demo`, end to end in its reduced size: every stage's outputs checked."""
+"""The README's main job, `enat demo`, end to end in its reduced size, run as a user runs it (a fresh
+process with a fresh HOME, the embedded local Ray): every stage's outputs checked, and the log it prints
+is readable (no warnings or tracebacks, nothing said over and over, rank 0's lines once)."""
 from __future__ import annotations
 
+import collections
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from jobs import demo
+from tests.helpers import user_env
+
+# a warning or error line of our code, Python's warnings, Ray's Python loggers or its C++ core (" E 1234 1234]")
+PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Warning:| [EWF] \d+ \d+\]|Traceback")
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, ray_local):
-    out = tmp_path_factory.mktemp("demo")
-    return demo.main(["--out", str(out), "--size", "tiny"]), out
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    home, out = tmp / "home", tmp / "out"
+    home.mkdir()
+    # DeepSpeed JIT-builds its CPU comm op on a machine's first run (minutes; on a loaded machine Ray may
+    # give up on the worker meanwhile): built here first, so the demo's log is that of a machine set up
+    env = user_env(home)
+    build = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                           env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-3000:]
+    enat = Path(sys.executable).with_name("enat")             # the README's command: .venv/bin/enat demo
+    r = subprocess.run([str(enat), "demo", "--out", str(out), "--size", "tiny"], cwd=tmp, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    return json.loads((out / "report.json").read_text()), out, log, home
 
 
 def test_every_good_image_tokenized_once_and_broken_ones_rejected(report):
-    r, out = report
+    r, out, _, _ = report
     digits = r["tokenize"]["digits"]
     assert digits["written"] == r["data"]["good"]                 # every good image once (incl. the converted CMYK)
     assert digits["converted"] == 1
@@ -33,7 +57,7 @@ def test_every_good_image_tokenized_once_and_broken_ones_rejected(report):
 
 def test_training_learns_and_mlflow_has_the_runs(report):
     import mlflow
-    r, out = report
+    r, out, _, _ = report
     client = mlflow.MlflowClient(r["tracking_uri"])
     exp = client.get_experiment_by_name("enat-demo")
     runs = {run.info.run_name: run for run in client.search_runs([exp.experiment_id])}
@@ -47,7 +71,7 @@ def test_training_learns_and_mlflow_has_the_runs(report):
 
 
 def test_samples_grid_and_offline_figure_beats_untrained(report):
-    r, out = report
+    r, out, _, _ = report
     assert (out / "samples.png").stat().st_size > 1000
     assert r["sample"]["num_samples"] == demo.SIZES["tiny"]["samples"]
     assert r["sample"]["fid"] is None                               # no Inception weights here: said so
@@ -56,3 +80,20 @@ def test_samples_grid_and_offline_figure_beats_untrained(report):
     assert off["class_acc_samples"] > off["class_acc_untrained"] + 0.15
     saved = json.loads((out / "report.json").read_text())
     assert saved["grid"] == str(out / "samples.png")
+
+
+def test_the_log_is_readable(report):
+    _, _, log, home = report
+    steps = demo.SIZES["tiny"]["steps"]
+    lines = [ln.strip() for ln in log.replace("\r", "\n").splitlines() if ln.strip()]
+    problems = [i for i, ln in enumerate(lines) if PROBLEM.search(ln)]
+    assert not problems, "\n".join(lines[max(0, problems[0] - 5):problems[0] + 40])
+    # the resolved configs are YAML (indented / "key:" lines); every other line is said once or a few times
+    prose = [ln for ln in lines if not re.match(r"^(-\s|[\w.]+:(\s|$))", ln) and not ln.startswith("tokenize:")]
+    repeated = {ln: n for ln, n in collections.Counter(prose).items() if n > 3}
+    assert not repeated, repeated
+    assert sum(f"[train] step {steps}/{steps}" in ln for ln in lines) == 1    # rank 0's line, once
+    assert sum("Ray's own logs:" in ln for ln in lines) == 1        # where Ray's logs are: one Ray for the demo
+    assert sum(ln.startswith("ENAT demo finished in") for ln in lines) == 1
+    assert len(lines) < 700, len(lines)                                     # ~520: mostly the five resolved configs
+    assert not (home / ".ray").exists()                                     # no token file in the user's home

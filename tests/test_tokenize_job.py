@@ -3,7 +3,6 @@ records, determinism, kill-and-resume, and an S3 round trip against a moto serve
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -379,50 +378,7 @@ def test_s3_round_trip(ray_local, s3_bucket, s3_upload, image_folder, patch_toke
     assert set(seen) == set(reader.rows.keys) and len(reader.rows) == summary["splits"]["train"]["written"]
 
 
-# ---------------------------------------------------------------------------------------------------
-# The same entrypoint under `ray job submit` (a head started here on 127.0.0.1, stopped by its PID)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_runs_under_ray_job_submit(make_folder, patch_tokenizer, tmp_path, subprocess_env):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from tests.conftest import local_ray_head
-
-    weights, _ = patch_tokenizer
-    data = make_folder(tmp_path / "src", per_class=3, bad=False)
-    out = tmp_path / "out"
-    cfg_path = tmp_path / "job.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(data.root, out, weights, compute__progress=False)))
-    env = {**subprocess_env, "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with local_ray_head(env) as url:
-        client = JobSubmissionClient(url)
-        deadline = time.time() + 90
-        while True:  # the dashboard answers before its job agent is ready ("No available agent")
-            try:
-                job = client.submit_job(entrypoint=f"{sys.executable} -m jobs.tokenize --config {cfg_path}",
-                                        runtime_env={"env_vars": {"PYTHONPATH": env["PYTHONPATH"]}})
-                break
-            except RuntimeError as e:
-                assert "agent" in str(e) and time.time() < deadline, e
-                time.sleep(0.5)
-        while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                             JobStatus.STOPPED}:
-            assert time.time() < deadline + 120, "job did not finish"
-            time.sleep(0.5)
-        logs = client.get_job_logs(job)
-        assert status == JobStatus.SUCCEEDED, logs[-3000:]
-        assert "[tokenize] summary" in logs and "Started a local Ray instance" not in logs  # it joined the head
-    man = pq.read_table(out / "train" / "manifest.parquet").to_pylist()
-    assert sum(m["samples"] for m in man) == len(data.files)
+# (the same entrypoint under `ray job submit`, through `enat submit`: tests/test_submit.py)
 
 
 # ---------------------------------------------------------------------------------------------------

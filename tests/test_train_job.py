@@ -70,10 +70,13 @@ def test_two_workers_zero1_on_s3_with_mlflow_server(ray_local, s3_bucket, mlflow
     pytest.zero1_curve = curve
 
 
-def test_worker_killed_mid_run_resumes_with_continuous_loss(ray_local, tmp_path):
-    root = str(tmp_path / "tok")
-    write_shapes_dataset(root)
-    ckpt = tmp_path / "ckpt"
+def test_worker_killed_mid_run_resumes_with_continuous_loss(ray_local, tmp_path, monkeypatch):
+    """Also: relative local paths (data.root=tok, output.uri=ckpt) are resolved on the driver, so Ray Train's
+    workers, whose working directory differs, and the restarted ones read and write the same files."""
+    driver_cwd = tmp_path / "driver"
+    driver_cwd.mkdir()
+    write_shapes_dataset(str(driver_cwd / "tok"))
+    ckpt = driver_cwd / "ckpt"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     killed = []
 
@@ -90,9 +93,10 @@ def test_worker_killed_mid_run_resumes_with_continuous_loss(ray_local, tmp_path)
             time.sleep(0.2)
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    result = _train(COMMON + [f"data.root={root}", "deepspeed.zero_stage=2", "train.run_name=zero2",
+    monkeypatch.chdir(driver_cwd)                                   # Ray's workers run elsewhere
+    result = _train(COMMON + ["data.root=tok", "deepspeed.zero_stage=2", "train.run_name=zero2",
                               f"mlflow.tracking_uri={uri}", "mlflow.experiment=enat-test",
-                              f"output.uri={ckpt}", "compute.max_failures=2"])
+                              "output.uri=ckpt", "compute.max_failures=2"])
     t.join(1)
     assert killed, "no worker was killed (test setup)"
     assert result.error is None

@@ -92,16 +92,26 @@ def _micro_step(cfg: TrainJobConfig, mcfg: enat.ENATConfig, state: TrainState, b
     """Forward + backward of one micro-batch (DeepSpeed steps the optimizer at the accumulation boundary)."""
     tokens = batch["tokens"].to(device, non_blocking=True)
     cond = batch["context"].to(device) if mcfg.text_conditioned else batch["label"].to(device)
+    loss, metrics = train_step(cfg, state, tokens, cond)
+    meter.add(loss, tokens.shape[0])
+    return metrics
+
+
+def train_step(cfg: TrainJobConfig, state: TrainState, tokens: torch.Tensor, cond: torch.Tensor,
+               reuse: Optional[bool] = None) -> tuple[torch.Tensor, dict]:
+    """One micro-step on the engine: the objective, ``engine.backward``, ``engine.step`` -> (loss, metrics).
+    `reuse` forces the reuse branch (benchmarks); None draws the shared coin. The EMA update is the
+    caller's, once per optimizer step (``engine_ema_update``)."""
     state.engine.train()
     # differs from official (one coin per process): all ranks take the reuse branch together.
     # DeepSpeed ZeRO reduces gradients in buckets in the order they become ready, so every
     # rank must run the same graph (the official DDP has static buckets).
-    reuse = bool(torch.rand(1, generator=state.shared_gen).item() < cfg.objective.reuse_prob)
+    coin = bool(torch.rand(1, generator=state.shared_gen).item() < cfg.objective.reuse_prob)
+    reuse = coin if reuse is None else reuse
     loss, metrics = enat.lsimple(state.engine, tokens, cond, state.ema, cfg.objective, state.gen, reuse=reuse)
     state.engine.backward(loss)
     state.engine.step()
-    meter.add(loss, tokens.shape[0])
-    return metrics
+    return loss, metrics
 
 
 def with_position(reader) -> Iterator[tuple[dict, tuple[int, int]]]:
