@@ -123,8 +123,10 @@ if [[ $SMOKE == 1 ]]; then
   stage "VQGAN" 60 "$PY" benchmarks/vqgan_speed.py --tiny --repeats 1 "${OFF_ARGS[@]}"
   stage "FID Inception" 60 "$PY" benchmarks/fid_speed.py --batch 1 --iters 1 --res 64 --n 1000 --dim 64
   stage "training step" 60 "$PY" benchmarks/train_throughput.py --tiny --repeat 1 --no-deepspeed "${OFF_ARGS[@]}"
+  stage "sample job rates + FID-50K time model" 90 bash -c "'$PY' benchmarks/sample_throughput.py --tiny --skip-merge \
+    --json '$DEST/rates.json' && '$PY' benchmarks/fid50k_time.py '$DEST/rates.json' --official-h100 --workers 1 8"
 else
-  # budget (8 min in all): 150 + 100 + 40 + 50 + 90 = 430 s at most, plus installs and start-up
+  # budget (8 min in all): 150 + 100 + 40 + 50 + 90 + 75 = 505 s at most, plus installs and start-up
   stage "gpu tests" 150 "$PY" -m pytest -q -o addopts= -p no:cacheprovider -m gpu tests/test_gpu.py
   stage "sampling vs official" 100 "$PY" benchmarks/vs_official.py --device "$DEVICE" --preset enat-l \
     --batch 250 --repeat 3 "${OFF_ARGS[@]}"
@@ -133,6 +135,10 @@ else
   stage "FID Inception" 50 "$PY" benchmarks/fid_speed.py --device "$DEVICE" --batch 250 --iters 5
   stage "training step" 90 "$PY" benchmarks/train_throughput.py --device "$DEVICE" --preset enat-l --batch 128 \
     --repeat 5 --precision bf16 "${DS_ARGS[@]}" "${OFF_ARGS[@]}"
+  # one worker's per-stage rates through the job's unit runner, then the FID-50K time model on them
+  stage "sample job rates + FID-50K time model" 75 bash -c "'$PY' benchmarks/sample_throughput.py --device '$DEVICE' \
+    --preset enat-l --batch 125 --samples 250 --precision bf16 --decode-precision bf16 --inception-precision bf16 \
+    --json '$DEST/rates-gpu.json' && '$PY' benchmarks/fid50k_time.py '$DEST/rates-gpu.json' --official-h100"
 fi
 
 echo >> "$FIG"

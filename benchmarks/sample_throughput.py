@@ -15,6 +15,7 @@ statistics to a local temporary folder; one unit is run first as a warm-up. Prin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -37,7 +38,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def throughput(args: argparse.Namespace, device: torch.device) -> None:
+def throughput(args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
     if args.tiny:
         from enat.patch_vq import PatchVQ
@@ -89,9 +90,10 @@ def throughput(args: argparse.Namespace, device: torch.device) -> None:
     if not args.tiny:
         print(f"  50,000 samples on one such worker: {50_000 / (n / wall) / 3600:.1f} h")
     shutil.rmtree(out, ignore_errors=True)
+    return {k: v / n for k, v in secs.items()}
 
 
-def merge_cost(args: argparse.Namespace, device: torch.device) -> None:
+def merge_cost(args: argparse.Namespace, device: torch.device) -> dict:
     """Statistics of n × 2048 features in units: accumulation in the workers, then the driver's exact merge
     (read each unit's 32 MB file back from disk, check its sha256, sum), mean/cov and FID."""
     n, unit, dim = (2_000, 500, 2048) if args.tiny else (50_000, 1000, 2048)
@@ -135,6 +137,17 @@ def merge_cost(args: argparse.Namespace, device: torch.device) -> None:
     print(f"  driver: IS from the partials                     {t_is:7.2f} s")
     print(f"  driver: FID (eigvals, float64, D=2048)           {t_fid:7.2f} s  (fid {fid:.4f})")
     shutil.rmtree(d, ignore_errors=True)
+    return {"merge_s": t_merge + t_cov + t_is, "fid_s": t_fid}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        models = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        return f"{len(models)}x {models[0]}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    except (OSError, IndexError):
+        return f"cpu ({os.cpu_count()} CPUs)"
 
 
 def main() -> None:
@@ -154,6 +167,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--skip-merge", action="store_true")
+    p.add_argument("--json", help="also write the per-stage rates here, for benchmarks/fid50k_time.py")
     args = p.parse_args()
     if args.tiny:
         args.batch, args.samples = min(args.batch, 8), min(args.samples, 16)
@@ -162,9 +176,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"host: {os.cpu_count()} CPUs visible; figures on a shared machine vary with its load")
-    throughput(args, device)
+    per_sample = throughput(args, device)
+    rates = {"label": f"ours, {args.preset if not args.tiny else 'tiny'}, sampler {args.precision}, decode "
+                      f"{args.decode_precision}, inception {args.inception_precision}",
+             "device": device_name(device), "date": time.strftime("%Y-%m-%d"),
+             "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "batch": args.batch,
+             "per_sample_s": per_sample, "startup_s": None, "merge_s": None, "fid_s": None, "measured": True}
     if not args.skip_merge:
-        merge_cost(args, device)
+        rates.update(merge_cost(args, device))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rates, indent=1))
+        print(f"rates written to {args.json} (python benchmarks/fid50k_time.py {args.json})")
 
 
 if __name__ == "__main__":
