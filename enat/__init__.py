@@ -4,7 +4,7 @@ Nothing in this package imports Ray, DeepSpeed, MLflow, fsspec or webdataset.
 """
 from .checkpoint import load_strict, read_state_dict
 from .model import ENAT, ENATConfig, ENATOutput, ENATState
-from .objective import ObjectiveConfig, ema_update, lsimple, mask_tokens, warmup_constant
+from .objective import ObjectiveConfig, ema_update, ema_update_tensors, lsimple, mask_tokens, warmup_constant
 from .sampler import SamplerConfig, generate, mask_schedule
 
 __version__ = "0.1.0"

@@ -174,10 +174,14 @@ def lsimple(model: ENAT, tokens: Tensor, cond: Tensor, ema_model: Optional[ENAT]
 def ema_update(ema_model: nn.Module, model: nn.Module, rate: float) -> None:
     """Official utils.ema: p_ema = rate * p_ema + (1 - rate) * p, over named parameters."""
     src = dict(model.named_parameters())
-    dst = [p for _, p in ema_model.named_parameters()]
-    srcs = [src[n] for n, _ in ema_model.named_parameters()]
+    named = list(ema_model.named_parameters())
+    ema_update_tensors([p for _, p in named], [src[n] for n, _ in named], rate)
+
+
+def ema_update_tensors(dst: list[Tensor], src: list[Tensor], rate: float) -> None:
+    """dst = rate * dst + (1 - rate) * src, tensor by tensor (foreach ops), in place."""
     torch._foreach_mul_(dst, rate)
-    torch._foreach_add_(dst, srcs, alpha=1 - rate)
+    torch._foreach_add_(dst, src, alpha=1 - rate)
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:

@@ -111,9 +111,8 @@ def _swish_exact(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ReusedSwish:
-    """``_swish_exact`` with the sigmoid in one buffer per shape, reused by every swish of that shape (same
-    bits: x, a fresh GroupNorm output, becomes x·sigmoid(x) in place). A fresh activation-sized tensor
-    page-faults in on CPU (~4x the sigmoid at 256 px). Cleared after each encoder forward."""
+    """``_swish_exact`` with the sigmoid in one reused buffer per shape (same bits; x, a fresh GroupNorm output,
+    becomes x·sigmoid(x) in place): a fresh tensor page-faults in on CPU. Cleared after each encoder forward."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}  # (shape, dtype, device) -> buffer
@@ -122,8 +121,9 @@ class _ReusedSwish:
         if x.requires_grad or not x.is_contiguous():
             return _swish_exact(x)
         key = (tuple(x.shape), x.dtype, x.device)
-        buf = self.buffers.setdefault(key, torch.empty_like(x)) if key not in self.buffers else self.buffers[key]
-        return x.mul_(torch.sigmoid(x, out=buf))  # (B, C, H, W), x's storage
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty_like(x)
+        return x.mul_(torch.sigmoid(x, out=self.buffers[key]))  # (B, C, H, W), x's storage
 
 
 def _swish_fast(x: torch.Tensor) -> torch.Tensor:

@@ -126,14 +126,13 @@ def engine_ema_update(engine, ema: enat.ENAT, rate: float) -> None:
     rank calls it, parameter by parameter, one full tensor at a time). fp32 engines without separate
     masters (stage 0) train the module's weights themselves.
     """
-    names = [n for n, _ in ema.named_parameters()]
-    dst = [p for _, p in ema.named_parameters()]
-    src = dict(engine.module.named_parameters())
     if engine.zero_optimization_stage() < 3 and all(p.dtype == torch.float32 for p in engine.module.parameters()):
         # fp32 under ZeRO-0/1/2: the module's weights are the masters (DeepSpeed copies the updated fp32
         # partitions back into them), so read them in place: exact, and no gather per parameter
         enat.ema_update(ema, engine.module, rate)
         return
+    names, dst = zip(*ema.named_parameters())
+    src = dict(engine.module.named_parameters())
     masters = _local_fp32_masters(engine, [src[n] for n in names])
     if masters is None:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -147,9 +146,7 @@ def engine_ema_update(engine, ema: enat.ENAT, rate: float) -> None:
                                        "train with deepspeed.zero_stage >= 1")
                 master = p
             masters.append(master)
-    masters = [m.to(d.device).reshape(d.shape) for m, d in zip(masters, dst)]
-    torch._foreach_mul_(dst, rate)
-    torch._foreach_add_(dst, masters, alpha=1 - rate)
+    enat.ema_update_tensors(list(dst), [m.to(d.device).reshape(d.shape) for m, d in zip(masters, dst)], rate)
 
 
 def _local_fp32_masters(engine, params: list) -> Optional[list]:
