@@ -204,7 +204,7 @@ def run_ray(data: Path, weights: str | None, tokenizer: str, resolution: int, wo
                 "object_store_memory": args.object_store_mb * 2**20},
     })
     t0 = time.perf_counter()
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, dashboard=False)  # as the tokenize job (run_job)
     t_init = time.perf_counter() - t0
     try:
         t1 = time.perf_counter()

@@ -53,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     if cfg.launcher == "torchrun":
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if uses_gpu(cfg) else "cpu")
         return train_loop({"config": cfg, "split": split})
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, dashboard=True):  # Ray Train queries actor states through it
         result = run_ray(cfg, split)
     if result.error:
         raise SystemExit(f"enat train: error: {user_error(result.error) or result.error}")

@@ -104,13 +104,14 @@ def _quiet_ray_data(verbose: bool) -> None:
             h.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-def init_ray(cfg: RayConfig = RayConfig()) -> bool:
+def init_ray(cfg: RayConfig = RayConfig(), dashboard: bool = True) -> bool:
     """Connect to Ray or start an embedded local one on 127.0.0.1; True if this call started it.
 
     Under ``ray job submit`` (RAY_ADDRESS set) or with ``ray.address`` it connects; otherwise it
     starts a local Ray whose every listener is on loopback (:func:`_loopback_only`), with token
-    authentication (:func:`_session_token`) and the dashboard on 127.0.0.1 (Ray Train's controller
-    queries actor states through it; without it, it warns every few seconds).
+    authentication (:func:`_session_token`) and, with ``dashboard``, the dashboard on 127.0.0.1 (Ray
+    Train's controller queries actor states through it; without it, it warns every few seconds). Jobs
+    without Ray Train (tokenize, sample) start theirs without: ~2.5 s less start-up here.
     """
     import ray
 
@@ -136,7 +137,7 @@ def init_ray(cfg: RayConfig = RayConfig()) -> bool:
         try:
             # address='local': always a new embedded Ray, never a cluster someone started on this machine
             ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                     object_store_memory=cfg.object_store_memory, include_dashboard=True,
+                     object_store_memory=cfg.object_store_memory, include_dashboard=dashboard,
                      dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, **_ray_logging(cfg.verbose))
         finally:
             if saved is None:
@@ -153,10 +154,11 @@ def init_ray(cfg: RayConfig = RayConfig()) -> bool:
 
 
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig = RayConfig()):
-    """`init_ray` for the duration of a job: shuts Ray down afterwards only if this call started it."""
+def ray_session(cfg: RayConfig = RayConfig(), dashboard: bool = False):
+    """`init_ray` for the duration of a job: shuts Ray down afterwards only if this call started it.
+    ``dashboard``: an embedded Ray starts its dashboard (Ray Train needs it)."""
     global _EMBEDDED
-    started = init_ray(cfg)
+    started = init_ray(cfg, dashboard)
     try:
         yield
     finally:

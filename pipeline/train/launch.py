@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline import storage
+from pipeline.cluster import keep_freed_memory
 from pipeline.shards import SplitInfo
 from pipeline.train.config import TrainJobConfig, uses_gpu
 
@@ -98,6 +99,10 @@ def init_worker(cfg: TrainJobConfig, local_rank: int) -> torch.device:
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    else:
+        # as the other CPU workers (pick_device): the engine's full-model flat buffers (gradient flattening,
+        # master copies) are reused instead of page-faulting in on every step
+        keep_freed_memory()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     return device
