@@ -20,7 +20,9 @@ hold 1,000 samples). "ours fp32" is the job's default; "ours bf16" is `sampler.p
 
 Same random weights for both (ENAT of the preset, the MAGE f16 VQGAN, the Inception with batch-norm statistics
 set from one decoded batch so its random features are well scaled), same labels. Timed round-robin (official,
-ours fp32, ours bf16, official, ...) after one warm-up round. The bf16 rows also report what bf16 changes on
+ours fp32, ours bf16, official, ...) after one warm-up round; on the CPU each side runs with the malloc
+settings it is deployed with (`--allocator deployed`: ours keeps freed memory as our CPU sample workers do,
+the official eval_step has glibc's defaults; switched between calls, outside the timed ones). The bf16 rows also report what bf16 changes on
 the same seeds: the fraction of identical tokens, and the FID between the fp32 and bf16 feature sets beside the
 FID between our fp32 set and the official's (independent random streams: the seed-to-seed noise at that n).
 Prints figures only; asserts nothing.
@@ -44,6 +46,7 @@ import enat  # noqa: E402
 from enat import FeatureStats, FIDInception  # noqa: E402
 from enat.vqgan import VQGAN, VQGANConfig  # noqa: E402
 from pipeline import sample  # noqa: E402
+from pipeline.cluster import default_freed_memory, keep_freed_memory  # noqa: E402
 
 STAGES = ("generate", "decode", "inception", "write")
 
@@ -128,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--png-threads", type=int, default=4)
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 option")
     ap.add_argument("--tiny", action="store_true", help="tiny models, batch 2, one repeat: a smoke run")
+    ap.add_argument("--allocator", choices=["deployed", "default", "kept"], default="deployed",
+                    help="glibc malloc per call: deployed (default) = ours as our CPU sample workers run it, "
+                         "freed memory kept (pipeline.cluster.keep_freed_memory), the official eval_step "
+                         "with glibc's defaults, switched before each call; default / kept = both alike")
     args = ap.parse_args(argv)
     if args.tiny:
         args.batch, args.repeat, args.warmup = 2, 1, 0
@@ -219,6 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(-args.warmup, args.repeat):  # r < 0: warm-up rounds (oneDNN / cuDNN primitives, allocator)
         for k in names:
             fn = official(r) if k.startswith("official") else ours(k, r)
+            if device.type == "cpu":   # outside the timed call
+                if args.allocator == "kept" or (args.allocator == "deployed" and k.startswith("ours")):
+                    keep_freed_memory()
+                else:
+                    default_freed_memory()
             sync()
             t = time.perf_counter()
             fn()

@@ -5,13 +5,15 @@
     python benchmarks/vqgan_speed.py --tiny                # seconds-long smoke run (small config)
 
 Ours and the official model share the same weights and inputs and are timed alternately, so load
-from other processes hits both alike. Prints img/s (best of --repeats after one warm-up); no asserts.
+from other processes hits both alike. Each runs with the malloc settings it is deployed with (``--allocator``).
+Prints img/s (best of --repeats after one warm-up) and the best / median ratios; no asserts.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import os
+import statistics
 import sys
 import time
 from typing import Callable
@@ -61,15 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time (with --threads 1, robust on a shared machine: "
                          "time spent waiting for a core is not counted)")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="glibc keeps freed blocks (as the tokenize workers do); applies to both models")
+    ap.add_argument("--allocator", choices=["deployed", "default", "kept"], default="deployed",
+                    help="glibc malloc per call: deployed (default) = ours as our CPU workers run it, freed "
+                         "memory kept (pipeline.cluster.keep_freed_memory), the official as its scripts run "
+                         "it (glibc's defaults), switched before each call; default / kept = both alike")
     args = ap.parse_args(argv)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    if args.keep_freed_memory:
-        from pipeline.tokenize.encode import keep_freed_memory
-
-        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -88,6 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     codes = torch.randint(0, cfg.codebook_size, (args.batch, res // cfg.downsample, res // cfg.downsample),
                           device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    from pipeline.cluster import default_freed_memory, keep_freed_memory
+
+    def allocator(name: str) -> None:
+        """Switch glibc's malloc for the case about to run (outside its timed call)."""
+        if args.allocator == "kept" or (args.allocator == "deployed" and name.startswith("ours")):
+            keep_freed_memory()
+        else:
+            default_freed_memory()
 
     def timed(fn: Callable[[], object]) -> Callable[[], object]:
         def run() -> object:
@@ -115,20 +124,24 @@ def main(argv: list[str] | None = None) -> None:
         cases["official encode"] = timed(off_encode)
         cases["official decode"] = timed(off_decode)
 
-    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} res={res} clock={args.clock} "
+    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} res={res} clock={args.clock} allocator={args.allocator} "
           f"config={'tiny' if args.tiny else 'mage-f16'} torch={torch.__version__}")
-    for fn in cases.values():  # warm-up (allocator, oneDNN primitive caches)
+    for name, fn in cases.items():  # warm-up (allocator, oneDNN primitive caches)
+        allocator(name)
         fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.repeats):  # interleaved so background load hits every case alike
         for name, fn in cases.items():
+            allocator(name)
             times[name].append(elapsed(fn))
     rate = {k: args.batch / min(v) for k, v in times.items()}
     for name, r in rate.items():
         print(f"{name:24s} {r:8.2f} img/s   (best {min(times[name]):.3f} s of {args.repeats})")
     if official is not None:
         for op in ("encode", "decode"):
-            print(f"{op}: ours / official = {rate[f'ours {op}'] / rate[f'official {op}']:.2f}x")
+            med = statistics.median(times[f"official {op}"]) / statistics.median(times[f"ours {op}"])
+            print(f"{op}: ours / official = {rate[f'ours {op}'] / rate[f'official {op}']:.2f}x best, "
+                  f"{med:.2f}x median")
         same = torch.equal(cases["ours encode"]().cpu(), cases["official encode"]().view(codes.shape).cpu())
         err = (cases["ours decode"]() - cases["official decode"]().clamp(0, 1)).abs().max().item()
         print(f"codes identical: {same}; decode max abs diff (clamped): {err:.2e}")

@@ -77,3 +77,40 @@ def test_resolve_locations_marks_fields_not_names(tmp_path):
     assert (res.output.uri, res.tokenizer.weights) == (f"{cwd}/tok", f"{cwd}/w/vq.ckpt")
     assert res.tokenizer.preset == "mage-f16" and res.source.root == "s3://b/imgs"   # not a location / a URL
     assert resolve_locations(res, "/elsewhere") == res                               # idempotent
+
+
+def test_freed_memory_kept_then_back_to_mmap():
+    """keep_freed_memory serves a large block from the heap (no fresh mmap to page-fault in); after
+    default_freed_memory a block above 32 MiB is mmapped again, as with glibc's defaults (the benchmarks
+    switch between the two per call). Run in a fresh process: the settings are process-wide."""
+    script = textwrap.dedent("""
+        import ctypes, json
+        from pipeline.cluster import default_freed_memory, keep_freed_memory
+
+        libc = ctypes.CDLL("libc.so.6")
+        class Info(ctypes.Structure):   # struct mallinfo2 (glibc >= 2.33)
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+        libc.mallinfo2.restype = Info
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+
+        def mmapped_by(size):
+            before = libc.mallinfo2().hblkhd
+            p = libc.malloc(size)
+            grew = libc.mallinfo2().hblkhd - before
+            libc.free(p)
+            return grew
+
+        out = {"kept_ok": keep_freed_memory(), "kept": mmapped_by(64 << 20),
+               "default_ok": default_freed_memory(), "default_big": mmapped_by(64 << 20),
+               "default_mid": mmapped_by(8 << 20)}
+        print(json.dumps(out))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["kept_ok"] and got["default_ok"], got
+    assert got["kept"] == 0, got                      # from the heap: kept memory is reused
+    assert got["default_big"] >= 64 << 20, got       # a fresh mmap, as glibc's default does for it
+    assert got["default_mid"] == 0, got               # below the 32 MiB threshold: the heap
