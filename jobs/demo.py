@@ -148,11 +148,7 @@ def run(out: Path, size: str = "small", store: Optional[str] = None, inception: 
         _log(f"[demo 3/5] training: Ray Train + DeepSpeed ({s['workers']} CPU worker(s)), {s['steps']} steps")
         model = [f"model.dim={s['dim']}", f"model.encoder_depth={s['depth']}", "model.decoder_depth=1",
                  "model.num_heads=4", "model.preset=enat-s"]
-        # the machine's CPUs shared out among the training workers (one worker: all of them as its torch
-        # threads; the default, one CPU per worker, would leave the rest idle while the demo trains)
-        cpus = max(1, (os.cpu_count() or 2) // s["workers"])
         train_common = [*model, "deepspeed.precision=fp32", f"compute.workers={s['workers']}",
-                        f"compute.cpus_per_worker={cpus}",
                         f"train.global_batch={s['batch']}", "optim.lr=0.002", "optim.warmup_steps=50",
                         "optim.betas=[0.9, 0.99]", "train.ema_rate=0.995", f"train.log_every={max(1, s['steps'] // 20)}",
                         "mlflow.experiment=enat-demo", f"mlflow.tracking_uri={tracking}", "mlflow.system_metrics=true",
