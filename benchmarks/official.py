@@ -43,3 +43,15 @@ def official_args(encoder_depth: int, decoder_depth: int, dim: int, num_heads: i
     return types.SimpleNamespace(enc_dec=[encoder_depth, decoder_depth], embed_dim=dim, num_heads=num_heads,
                                  seq_len=seq_len, latent_size=int(seq_len ** 0.5), cfg_scale=cfg_scale,
                                  mask_temp=mask_temp, samp_temp=samp_temp)
+
+
+def set_allocator(mode: str, ours: bool) -> None:
+    """glibc malloc for the call about to run, process-wide: ``deployed`` = ours as our CPU workers run it
+    (freed memory kept, pipeline.cluster.keep_freed_memory), the official code as its scripts run it
+    (glibc's defaults, pipeline.cluster.default_freed_memory); ``kept`` / ``default`` = both alike."""
+    from pipeline.cluster import default_freed_memory, keep_freed_memory
+
+    if mode == "kept" or (mode == "deployed" and ours):
+        keep_freed_memory()
+    else:
+        default_freed_memory()

@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import enat  # noqa: E402
 from enat import FeatureStats, FIDInception  # noqa: E402
 from enat.vqgan import VQGAN, VQGANConfig  # noqa: E402
+from benchmarks.official import set_allocator  # noqa: E402
 from pipeline import sample  # noqa: E402
-from pipeline.cluster import default_freed_memory, keep_freed_memory  # noqa: E402
 
 STAGES = ("generate", "decode", "inception", "write")
 
@@ -227,10 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         for k in names:
             fn = official(r) if k.startswith("official") else ours(k, r)
             if device.type == "cpu":   # outside the timed call
-                if args.allocator == "kept" or (args.allocator == "deployed" and k.startswith("ours")):
-                    keep_freed_memory()
-                else:
-                    default_freed_memory()
+                set_allocator(args.allocator, ours=k.startswith("ours"))
             sync()
             t = time.perf_counter()
             fn()

@@ -89,14 +89,10 @@ def main(argv: list[str] | None = None) -> None:
                           device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    from pipeline.cluster import default_freed_memory, keep_freed_memory
+    from benchmarks.official import set_allocator
 
-    def allocator(name: str) -> None:
-        """Switch glibc's malloc for the case about to run (outside its timed call)."""
-        if args.allocator == "kept" or (args.allocator == "deployed" and name.startswith("ours")):
-            keep_freed_memory()
-        else:
-            default_freed_memory()
+    def allocator(name: str) -> None:  # outside the case's timed call
+        set_allocator(args.allocator, ours=name.startswith("ours"))
 
     def timed(fn: Callable[[], object]) -> Callable[[], object]:
         def run() -> object:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 import time
@@ -194,7 +195,9 @@ def default_freed_memory() -> bool:
     return bool(libc is not None and libc.malloc_trim(0) >= 0) and ok
 
 
+@functools.lru_cache(maxsize=None)
 def _libc() -> Optional[ctypes.CDLL]:
+    """glibc, loaded once (the benchmarks switch the allocator before every timed call); None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     try:
