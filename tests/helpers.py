@@ -9,6 +9,7 @@ import time
 import torch
 
 import enat
+from tests.services import HANG_GUARD_S
 
 
 def tiny_config(**kw) -> enat.ENATConfig:
@@ -48,7 +49,14 @@ def fid_recipe_state_dict(layout, seed: int) -> dict:
     return sd
 
 
-def kill_after_commits(proc, parts, n: int, log_path, what: str, timeout: float = 120) -> int:
+def upload_dir(fs, local, dest: str) -> None:
+    """Copy a local folder tree to an object-store prefix (``dest`` without scheme)."""
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            fs.pipe_file(f"{dest}/{p.relative_to(local).as_posix()}", p.read_bytes())
+
+
+def kill_after_commits(proc, parts, n: int, log_path, what: str, timeout: float = HANG_GUARD_S) -> int:
     """SIGKILL the job started as `proc` (its own process group: the driver and the Ray it started) once
     `parts` holds n commit records (*.json); returns how many were committed."""
     deadline = time.time() + timeout
@@ -95,7 +103,7 @@ def listeners(pid: int) -> list[dict]:
 
 
 def serve_two_node_cluster(info_path: str, head_dir: str, worker_dir: str, cpus: int = 2) -> None:
-    """Run a head and a worker Ray node on 127.0.0.1 until SIGTERM (`tests/conftest.py` two_node_ray).
+    """Run a head and a worker Ray node on 127.0.0.1 until SIGTERM (tests/services.py start_ray_cluster).
 
     `ray.cluster_utils.Cluster` starts each node's own GCS/raylet/object store as separate processes;
     `ray start --address` refuses to join with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (ecosystem §8.5),

@@ -2,14 +2,13 @@
 benchmarks print figures, tests do not time anything)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import service_env
+from tests.services import HANG_GUARD_S, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # vs_official.py, vqgan_speed.py and fid_speed.py run in their smoke sizes inside gpu_check.sh --smoke below
 @pytest.mark.parametrize("script", ["train_throughput.py", "sample_throughput.py", "tokenize_throughput.py"])
 def test_benchmark_smoke(script, tmp_path):
-    env = {**os.environ, **service_env(), "DS_ACCELERATOR": "cpu", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    env = {**child_env(), "DS_ACCELERATOR": "cpu", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.strip(), "a benchmark prints its figures"
 
@@ -30,10 +29,10 @@ SECTIONS = ["gpu tests", "sampling vs official", "VQGAN", "FID Inception", "trai
 def test_gpu_check_smoke_writes_every_section(tmp_path):
     """benchmarks/gpu_check.sh --smoke: the one prepared GPU script, dry-run on the CPU with tiny sizes; it
     writes the markdown block for docs/benchmarks.md with every stage's section and status."""
-    env = {**os.environ, **service_env(), "OUT": str(tmp_path), "DS_ACCELERATOR": "cpu",
+    env = {**child_env(), "OUT": str(tmp_path), "DS_ACCELERATOR": "cpu",
            "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=400)
+                       capture_output=True, text=True, timeout=HANG_GUARD_S)
     fig = tmp_path / "gpu_figures.md"
     assert fig.exists(), r.stdout[-3000:] + r.stderr[-3000:]
     text = fig.read_text()

@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 from tests.helpers import is_loopback
+from tests.services import HANG_GUARD_S
 
 # The job runs in a fresh interpreter that imports ray first; just before the job shuts its Ray down,
 # every TCP listener of every process of that Ray session (the driver and all its descendants: GCS,
@@ -51,7 +52,7 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path, make_folder, subprocess
             f"tokenizer.weights={weights}", f"output.uri={tmp_path / 'tokens'}", "compute.progress=false", "mlflow.enabled=false",
             "ray.num_cpus=1"]
     proc = subprocess.run([sys.executable, "-c", _LISTENERS_SCRIPT, str(out), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     listeners = json.loads(out.read_text())
     procs = {x["proc"] for x in listeners}
@@ -107,7 +108,7 @@ def test_freed_memory_kept_then_back_to_mmap():
                "default_mid": mmapped_by(8 << 20)}
         print(json.dumps(out))
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["kept_ok"] and got["default_ok"], got

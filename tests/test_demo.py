@@ -14,8 +14,11 @@ import pytest
 
 from jobs import demo
 from tests.helpers import user_env
+from tests.services import HANG_GUARD_S
 
 # a warning or error line of our code, Python's warnings, Ray's Python loggers or its C++ core (" E 1234 1234]")
+pytestmark = pytest.mark.long
+
 PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Warning:| [EWF] \d+ \d+\]|Traceback")
 
 
@@ -28,11 +31,11 @@ def report(tmp_path_factory):
     # give up on the worker meanwhile): built here first, so the demo's log is that of a machine set up
     env = user_env(home)
     build = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
-                           env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=1200)
+                           env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-3000:]
     enat = Path(sys.executable).with_name("enat")             # the README's command: .venv/bin/enat demo
     r = subprocess.run([str(enat), "demo", "--out", str(out), "--size", "tiny"], cwd=tmp, env=env,
-                       capture_output=True, text=True, timeout=1800)
+                       capture_output=True, text=True, timeout=HANG_GUARD_S)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     return json.loads((out / "report.json").read_text()), out, log, home

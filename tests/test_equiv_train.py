@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import enat
-from tests.conftest import free_port
+from tests.services import free_port
 
 STEPS = 4
 # |w| ~ 0.02-1, lr 1e-3: the two AdamW orders differ by float32 rounding only; a wrong beta, eps, weight

@@ -62,7 +62,7 @@ def test_bf16_deepspeed_step_with_reuse_under_torchrun(tmp_path):
     fp32 features feed the bf16 engine), the objective's random draws happen on the GPU, the EMA is saved."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("mlflow")
-    from tests.conftest import free_port, service_env
+    from tests.services import HANG_GUARD_S, child_env, free_port
     from tests.train_data import write_shapes_dataset
 
     root = str(tmp_path / "tok")
@@ -75,11 +75,11 @@ def test_bf16_deepspeed_step_with_reuse_under_torchrun(tmp_path):
             "deepspeed.precision=bf16", "deepspeed.zero_stage=1", "objective.reuse_prob=1.0",
             f"output.uri={tmp_path / 'ckpt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
             "mlflow.system_metrics=false"]
-    env = {**os.environ, **service_env(), "DS_ACCELERATOR": "cpu" if DEVICE == "cpu" else "cuda",
+    env = {**child_env(), "DS_ACCELERATOR": "cpu" if DEVICE == "cpu" else "cuda",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr",
                         "127.0.0.1", "--master-port", str(free_port()), "-m", "jobs.train", *args],
-                       capture_output=True, text=True, timeout=400, cwd=str(ROOT), env=env)
+                       capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=str(ROOT), env=env)
     log = r.stdout[-4000:] + r.stderr[-4000:]
     assert r.returncode == 0, log
     assert f"step {steps}/{steps}" in r.stdout, log

@@ -19,6 +19,7 @@ from pipeline import shards, storage
 from pipeline.commits import sha256
 from pipeline.readers import InMemoryReader, ReaderConfig, make_reader
 from pipeline.streaming import StreamingReader
+from tests.services import HANG_GUARD_S
 
 L, K = 16, 10  # tokens per row, classes
 
@@ -166,7 +167,7 @@ def test_streaming_every_sample_once_across_2_ranks_x_2_workers_on_s3(s3_bucket,
                               text=True, env=env) for r in range(2)]
     results = []
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=HANG_GUARD_S)
         assert p.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     per_rank = [[i for i, _ in r] for r in results]

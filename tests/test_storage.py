@@ -15,6 +15,7 @@ import torch
 from pipeline import storage
 from pipeline.config import ConfigError, load_config
 from pipeline.sections import StorageConfig
+from tests.services import HANG_GUARD_S
 
 
 def _second_client(endpoint: str):
@@ -171,7 +172,7 @@ def test_shard_opener_pipeline_with_spawn_workers(s3_bucket, tmp_path):
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
             print(",".join(sorted(dl)))
     """))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90,
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=HANG_GUARD_S,
                          cwd=os.getcwd())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().split(",") == sorted(f"{s}-{i}" for s in range(4) for i in range(2))

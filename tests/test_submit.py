@@ -1,10 +1,8 @@
-"""`enat submit` against a real local Ray head (ray start --head on loopback), through the job API: a real
-tokenize job joins the head (no embedded Ray of its own) and succeeds; a failing job exits non-zero with
-its error in the logs."""
+"""`enat submit` against the session's Ray cluster (its head's dashboard on loopback), through the job API: a
+real tokenize job joins the cluster (no embedded Ray of its own) and succeeds; a failing job exits non-zero
+with its error in the logs."""
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -12,12 +10,12 @@ import pyarrow.parquet as pq
 import yaml
 
 from jobs import submit
-from tests.conftest import local_ray_head, service_env
+from tests.services import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_submit_success_failure_and_token(tmp_path, monkeypatch, capsys, make_folder):
+def test_submit_success_failure_and_token(ray_cluster, tmp_path, monkeypatch, capsys, make_folder):
     import torch
 
     from enat.patch_vq import PatchVQ
@@ -33,26 +31,24 @@ def test_submit_success_failure_and_token(tmp_path, monkeypatch, capsys, make_fo
         "tokenizer": {"kind": "patch", "weights": str(weights)}, "output": {"uri": str(out)},
         "tokenize": {"samples_per_shard": 5, "rows_per_entry": 2, "batch_size": 4},
         "compute": {"cpus_per_worker": 0.5, "decode_cpus": 1.0, "progress": False}, "mlflow": {"enabled": False}}))
-    env = {**os.environ, **service_env(), "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     monkeypatch.chdir(ROOT)
-    with local_ray_head(env) as url:
-        # the real tokenize entrypoint under `ray job submit`: it joins the head's Ray
-        deadline = time.time() + 90
-        while True:  # the dashboard answers before its job agent is ready ("No available agent")
-            try:
-                assert submit.main(["--address", url, "--", "tokenize", "--config", str(cfg)]) == 0
-                break
-            except RuntimeError as e:
-                assert "agent" in str(e) and time.time() < deadline, e
-                time.sleep(0.5)
-        out_text = capsys.readouterr().out
-        assert f"python -m jobs.tokenize --config {cfg}" in out_text and "SUCCEEDED" in out_text
-        assert "[tokenize] summary" in out_text and "Started a local Ray instance" not in out_text
-        # a job that fails (an unknown config field) gives a non-zero exit and its error in the logs
-        assert submit.main(["--address", url, "--", "train", "data.root=/nonexistent", "train.stepz=1"]) == 1
-        out_text = capsys.readouterr().out
-        assert "stepz" in out_text and "FAILED" in out_text
+    url = f"http://{ray_cluster.dashboard}"
+    # the real tokenize entrypoint under `ray job submit`: it joins the head's Ray
+    deadline = time.time() + HANG_GUARD_S
+    while True:  # the dashboard answers before its job agent is ready ("No available agent")
+        try:
+            assert submit.main(["--address", url, "--", "tokenize", "--config", str(cfg)]) == 0
+            break
+        except RuntimeError as e:
+            assert "agent" in str(e) and time.time() < deadline, e
+            time.sleep(0.5)
+    out_text = capsys.readouterr().out
+    assert f"python -m jobs.tokenize --config {cfg}" in out_text and "SUCCEEDED" in out_text
+    assert "[tokenize] summary" in out_text and "Started a local Ray instance" not in out_text
+    # a job that fails (an unknown config field) gives a non-zero exit and its error in the logs
+    assert submit.main(["--address", url, "--", "train", "data.root=/nonexistent", "train.stepz=1"]) == 1
+    out_text = capsys.readouterr().out
+    assert "stepz" in out_text and "FAILED" in out_text
     man = pq.read_table(out / "train" / "manifest.parquet").to_pylist()
     assert sum(m["samples"] for m in man) == len(data.files)
     # token auth: the header comes from RAY_AUTH_TOKEN_PATH

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.datasets import tiny_clip
 from tests.helpers import kill_after_commits
 import torch
 import yaml
@@ -138,11 +139,15 @@ def test_preset_parses():
 # ImageNet layout
 
 
-def test_imagenet_layout_end_to_end(ray_local, image_folder, make_folder, patch_tokenizer, tmp_path, capsys):
+def test_imagenet_layout_end_to_end(ray_cluster, image_folder, make_folder, patch_tokenizer, tmp_path, capsys,
+                                    monkeypatch):
+    """Also: a relative output.uri is resolved on the driver (the cluster's workers run in other working
+    directories, tests/services.py), so every worker writes into the driver's ./out."""
     weights, tok = patch_tokenizer
     make_folder(image_folder.root, split="val", per_class=2, bad=False, seed=1)
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    cfg = _config(image_folder.root, out, weights, source__splits=["train", "val"])
+    cfg = _config(image_folder.root, "out", weights, source__splits=["train", "val"])
     summary = _run(cfg, tmp_path)
     printed = capsys.readouterr()
     assert "[tokenize] train: read" in printed.out and "rejected" in printed.out
@@ -220,7 +225,7 @@ def test_imagenet_layout_end_to_end(ray_local, image_folder, make_folder, patch_
         _run(_config(image_folder.root, out, other), tmp_path)
 
 
-def test_imagenet_as_distributed_flat_val_with_label_file(ray_local, patch_tokenizer, tmp_path):
+def test_imagenet_as_distributed_flat_val_with_label_file(ray_cluster, patch_tokenizer, tmp_path):
     """train/<wnid>/ folders + a flat val/ labelled by the devkit's ground truth and meta.mat."""
     from tests.datasets import make_imagenet_like
 
@@ -239,7 +244,7 @@ def test_imagenet_as_distributed_flat_val_with_label_file(ray_local, patch_token
     assert list(train.cls) == [data.classes.index(k.split("/")[0]) for k in train.keys]
 
 
-def test_class_mismatch_fails_before_any_shard_is_written(ray_local, make_folder, patch_tokenizer, tmp_path):
+def test_class_mismatch_fails_before_any_shard_is_written(ray_cluster, make_folder, patch_tokenizer, tmp_path):
     weights, _ = patch_tokenizer
     data = make_folder(tmp_path / "src", per_class=2, bad=False)
     make_folder(data.root, split="val", classes=("n01", "n02", "n04"), per_class=1, bad=False, seed=1)
@@ -268,7 +273,7 @@ def test_sixteen_bit_is_rescaled_not_clipped():
 # Kill midway, rerun: nothing missing, nothing duplicated, same bytes as an uninterrupted run
 
 
-def test_kill_midway_then_rerun_is_complete_and_identical(ray_local, make_folder, patch_tokenizer, tmp_path,
+def test_kill_midway_then_rerun_is_complete_and_identical(ray_cluster, make_folder, patch_tokenizer, tmp_path,
                                                           subprocess_env):
     weights, _ = patch_tokenizer
     data = make_folder(tmp_path / "src", per_class=10, bad=False, seed=3)
@@ -278,10 +283,10 @@ def test_kill_midway_then_rerun_is_complete_and_identical(ray_local, make_folder
     _run(base, tmp_path)  # the uninterrupted reference
 
     cfg = _config(data.root, out, weights, tokenize__samples_per_shard=2, compute__throttle_s=0.4,
-                  compute__progress=False, ray__num_cpus=2, ray__object_store_memory=100 * 2**20)
+                  compute__progress=False)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = subprocess_env
+    env = ray_cluster.driver_env(subprocess_env)  # its own driver process on the session's cluster
     log = open(tmp_path / "killed.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.tokenize", "--config", str(path)], cwd=tmp_path, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -295,7 +300,7 @@ def test_kill_midway_then_rerun_is_complete_and_identical(ray_local, make_folder
     assert not (out / "train" / "manifest.parquet").exists()  # readers see no dataset yet
     assert not (out / "dataset.json").exists()
 
-    summary = _run({**cfg, "ray": {}}, tmp_path)  # rerun on the session Ray
+    summary = _run(cfg, tmp_path)  # rerun, in this process
     s = summary["splits"]["train"]
     assert s["skipped_shards"] >= committed and s["written"] == n_images
     assert not list((out / "train").glob(f".*{storage.TMP_MARK}*"))  # no temp left behind
@@ -311,7 +316,7 @@ def test_kill_midway_then_rerun_is_complete_and_identical(ray_local, make_folder
 # COCO
 
 
-def test_coco_captions_and_text_features(ray_local, coco_data, patch_tokenizer, tmp_path):
+def test_coco_captions_and_text_features(ray_cluster, coco_data, patch_tokenizer, tmp_path):
     from pipeline.text import RandomTextEncoder
 
     weights, tok = patch_tokenizer
@@ -351,7 +356,7 @@ def test_coco_captions_and_text_features(ray_local, coco_data, patch_tokenizer, 
 # S3 round trip (moto server): source, weights and output on object storage
 
 
-def test_s3_round_trip(ray_local, s3_bucket, s3_upload, image_folder, patch_tokenizer, tmp_path):
+def test_s3_round_trip(ray_cluster, s3_bucket, s3_upload, image_folder, patch_tokenizer, tmp_path):
     from pipeline.readers import InMemoryReader
 
     weights, _ = patch_tokenizer
@@ -385,24 +390,6 @@ def test_s3_round_trip(ray_local, s3_bucket, s3_upload, image_folder, patch_toke
 # CLIP text tower (transformers), loaded from a local directory and from S3
 
 
-def _tiny_clip(d: Path) -> None:
-    """A tiny random CLIP text model + byte-level tokenizer in save_pretrained layout."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    # the GPT-2/CLIP byte-level alphabet: printable bytes stand for themselves, the rest map to 256+
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
-                         pad_token_id=513)
-    CLIPTextModel(cfg).save_pretrained(d)
-
-
 def test_clip_text_encoder_local_and_s3(tmp_path, s3_bucket, s3_upload):
     pytest.importorskip("transformers")
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -411,7 +398,7 @@ def test_clip_text_encoder_local_and_s3(tmp_path, s3_bucket, s3_upload):
     from pipeline.text import build_text_encoder, empty_context
 
     d = tmp_path / "clip"
-    _tiny_clip(d)
+    tiny_clip(d)
     caps = ["a photo of a cat", "two dogs on a sofa, " * 20]  # the second is longer than 77 tokens
     enc = build_text_encoder(TextConfig(kind="clip", weights=str(d)))
     out = enc.encode(caps)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import pytest
 
-from tests.conftest import free_port
+from tests.services import free_port
 from tests.train_data import write_shapes_dataset
 
 EMA_RATE, STEPS, WARMUP, LR = 0.9, 4, 2, 0.01
