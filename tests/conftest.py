@@ -11,7 +11,6 @@ marked ``long`` (a whole job of their own, such as the README's demo), then the 
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from tests import services
 from tests.datasets import CocoData, ImageFolderData, make_coco, make_image_folder
-from tests.services import TEST_ENV
+from tests.services import TEST_ENV, S3Bucket, new_bucket
 
 os.environ.update(TEST_ENV)
 for _var in services.UNSET:
@@ -48,28 +47,6 @@ def pytest_unconfigure(config):
 def moto_endpoint(tmp_path_factory) -> str:
     """URL of the session's moto S3 server."""
     return services.ensure(_root(tmp_path_factory), "moto", services.start_moto)["url"]
-
-
-@dataclass
-class S3Bucket:
-    endpoint: str
-    bucket: str
-    storage: "object"  # pipeline.sections.StorageConfig
-    fs: "object"  # s3fs.S3FileSystem
-
-    def url(self, *parts: str) -> str:
-        return "/".join([f"s3://{self.bucket}", *[p.strip("/") for p in parts]])
-
-
-def new_bucket(endpoint: str, prefix: str = "test") -> S3Bucket:
-    from pipeline.sections import StorageConfig
-    from pipeline.storage import filesystem
-
-    cfg = StorageConfig(endpoint_url=endpoint)
-    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    fs, _ = filesystem(f"s3://{bucket}", cfg)
-    fs.mkdir(bucket)
-    return S3Bucket(endpoint, bucket, cfg, fs)
 
 
 @pytest.fixture
@@ -158,15 +135,26 @@ def subprocess_env() -> dict[str, str]:
 # scheduling and GPU tests
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Groups and order as the module docstring says. Tests marked `gpu` are skipped where CUDA is absent,
-    unless ENAT_TEST_DEVICE=cpu asks to run them on the CPU (the smoke run of benchmarks/gpu_check.sh)."""
-    for item in items:
-        if not any(True for _ in item.iter_markers("xdist_group")):
-            group = "cluster" if "ray_cluster" in item.fixturenames else item.path.name
-            item.add_marker(pytest.mark.xdist_group(group))
+def pytest_itemcollected(item):
+    """The group of each test (the module docstring), set as it is collected: xdist's worker reads the
+    groups in its own pytest_collection_modifyitems."""
+    if not any(True for _ in item.iter_markers("xdist_group")):
+        group = "cluster" if "ray_cluster" in item.fixturenames else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
+
+def pytest_collection_finish(session):
+    """One clear line if xdist's groups did not take (a pytest / xdist pairing that drops them would split
+    the cluster's tests over both workers: two drivers on one cluster)."""
+    items = session.items
+    if getattr(session.config.option, "loadgroup", False) and items and "@" not in items[0].nodeid:
+        raise pytest.UsageError("xdist --dist loadgroup did not group the tests (pytest >= 9.2 with "
+                                "pytest-xdist 3.8?): install the versions pyproject.toml's test extra pins")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The order of the module docstring. Tests marked `gpu` are skipped where CUDA is absent, unless
+    ENAT_TEST_DEVICE=cpu asks to run them on the CPU (the smoke run of benchmarks/gpu_check.sh)."""
     def rank(item) -> int:
         if "ray_cluster" in item.fixturenames:
             return 0

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -147,6 +148,30 @@ def start_moto(work: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     _wait("moto_server", proc, work, _answers(url + "/"))
     return {"pgid": proc.pid, "url": url}
+
+
+@dataclass
+class S3Bucket:
+    endpoint: str
+    bucket: str
+    storage: "object"  # pipeline.sections.StorageConfig
+    fs: "object"  # s3fs.S3FileSystem
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *[p.strip("/") for p in parts]])
+
+
+def new_bucket(endpoint: str, prefix: str = "test") -> S3Bucket:
+    """A fresh bucket on the S3 test server at `endpoint`."""
+    from pipeline.sections import StorageConfig
+    from pipeline.storage import filesystem
+
+    cfg = StorageConfig(endpoint_url=endpoint)
+    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    fs, _ = filesystem(f"s3://{bucket}", cfg)
+    fs.mkdir(bucket)
+    return S3Bucket(endpoint, bucket, cfg, fs)
+
 
 
 def start_mlflow(work: Path, s3_endpoint: str) -> dict:

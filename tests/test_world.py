@@ -27,10 +27,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import new_bucket
 from tests.datasets import make_coco, make_imagenet_like, tiny_clip
 from tests.helpers import fid_recipe_state_dict, is_loopback, listeners, upload_dir
-from tests.services import HANG_GUARD_S, REPO, child_env
+from tests.services import HANG_GUARD_S, REPO, child_env, new_bucket
 
 CONFIGS = REPO / "infra" / "configs"
 
