@@ -35,6 +35,9 @@ TEST_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # ecosystem §8.5: keep Ray on 127.0.0.1
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
+    # one OpenMP thread per process: the suite runs two pytest workers, a Ray cluster and job subprocesses
+    # on two cores, and oversubscribed OpenMP threads spin (a 2 s DeepSpeed step took 47 s under load)
+    "OMP_NUM_THREADS": "1",
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",

@@ -13,8 +13,9 @@ from tests.services import HANG_GUARD_S, child_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# vs_official.py, vqgan_speed.py and fid_speed.py run in their smoke sizes inside gpu_check.sh --smoke below
-@pytest.mark.parametrize("script", ["train_throughput.py", "sample_throughput.py", "tokenize_throughput.py"])
+# vs_official.py, vqgan_speed.py, fid_speed.py, train_throughput.py (with the job's DeepSpeed engine) and
+# sample_throughput.py (with the merge) run in their smoke sizes inside gpu_check.sh --smoke below
+@pytest.mark.parametrize("script", ["tokenize_throughput.py"])
 def test_benchmark_smoke(script, tmp_path):
     env = {**child_env(), "DS_ACCELERATOR": "cpu", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny"], cwd=tmp_path, env=env,
@@ -23,14 +24,16 @@ def test_benchmark_smoke(script, tmp_path):
     assert r.stdout.strip(), "a benchmark prints its figures"
 
 
-SECTIONS = ["gpu tests", "sampling vs official", "VQGAN", "FID Inception", "training step"]
+SECTIONS = ["gpu tests", "sampling vs official", "VQGAN", "FID Inception", "training step",
+            "sample job rates + FID-50K time model"]
 
 
+@pytest.mark.long
 def test_gpu_check_smoke_writes_every_section(tmp_path):
     """benchmarks/gpu_check.sh --smoke: the one prepared GPU script, dry-run on the CPU with tiny sizes; it
     writes the markdown block for docs/benchmarks.md with every stage's section and status."""
-    env = {**child_env(), "OUT": str(tmp_path), "DS_ACCELERATOR": "cpu",
-           "PYTHON": sys.executable}
+    env = {**child_env(), "OUT": str(tmp_path), "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=HANG_GUARD_S)
     fig = tmp_path / "gpu_figures.md"
