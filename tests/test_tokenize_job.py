@@ -50,7 +50,7 @@ def _config(src_root, out, weights, **over) -> dict:
            "tokenize": {"samples_per_shard": 5, "rows_per_entry": 2, "batch_size": 4},
            "output": {"uri": str(out)},
            "compute": {"cpus_per_worker": 0.5, "decode_cpus": 1.0, "progress": True},
-           "mlflow": {"enabled": False}}  # tracked in test_real_path (tokenize → train → sample lineage)
+           "mlflow": {"enabled": False}}  # tracked in test_world (tokenize → train → sample lineage)
     for k, v in over.items():
         sec, name = k.split("__")
         cfg.setdefault(sec, {})[name] = v

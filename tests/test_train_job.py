@@ -103,7 +103,7 @@ def test_preset_imagenet_256_with_overrides():
 
 def test_torchrun_launcher_without_ray(tmp_path, monkeypatch):
     root = str(tmp_path / "tok")
-    write_shapes_dataset(root)
+    write_shapes_dataset(root, n=192, per_shard=96)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("RANK", "0")
@@ -111,20 +111,20 @@ def test_torchrun_launcher_without_ray(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     code = ("from jobs.train import main; import sys; main(sys.argv[1:])")
-    args = COMMON + [f"data.root={root}", "compute.workers=1", "train.steps=12", "launcher=torchrun",
+    args = COMMON + [f"data.root={root}", "compute.workers=1", "train.steps=6", "launcher=torchrun",
                      f"output.uri={tmp_path / 'ckpt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=HANG_GUARD_S,
                        env={**child_env()}, cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert (tmp_path / "ckpt" / "enat" / "step_000000012" / "COMPLETE").exists()
-    # a second invocation resumes from step 12 and trains to 16
-    r = subprocess.run([sys.executable, "-c", code, *args[:-4], "train.steps=16", *args[-3:]],
+    assert (tmp_path / "ckpt" / "enat" / "step_000000006" / "COMPLETE").exists()
+    # a second invocation resumes from step 6 and trains to 8
+    r = subprocess.run([sys.executable, "-c", code, *args[:-4], "train.steps=8", *args[-3:]],
                        capture_output=True, text=True, timeout=HANG_GUARD_S, env={**child_env()},
                        cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 0, r.stderr[-3000:]
-    # 12 steps of 32 are one epoch of the 400 samples: the resume starts the next epoch, no replay
-    assert "resumed from step 12 (epoch 1, batch 0)" in r.stdout
-    assert (tmp_path / "ckpt" / "enat" / "step_000000016" / "ema.pt").exists()
+    # 6 steps of 32 are one epoch of the 192 samples: the resume starts the next epoch, no replay
+    assert "resumed from step 6 (epoch 1, batch 0)" in r.stdout
+    assert (tmp_path / "ckpt" / "enat" / "step_000000008" / "ema.pt").exists()
 
 
 def test_zero3_with_gradient_accumulation_two_processes(tmp_path):
