@@ -31,7 +31,7 @@ from PIL import Image
 
 SIZES: dict[str, dict[str, Any]] = {
     # images per class (≤ ~180), train steps (class / text), model width and depth, workers, samples
-    "tiny": dict(per_class=100, steps=500, text_steps=20, dim=96, depth=3, batch=64, workers=1, samples=100),
+    "tiny": dict(per_class=100, steps=500, text_steps=20, dim=96, depth=3, batch=32, workers=1, samples=100),
     "small": dict(per_class=180, steps=1500, text_steps=60, dim=128, depth=4, batch=64, workers=1, samples=200),
     "medium": dict(per_class=180, steps=4000, text_steps=400, dim=256, depth=6, batch=128, workers=2, samples=1000),
 }
