@@ -18,7 +18,9 @@ if [ -n "$TORCH_SPEC" ]; then "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
 # On a CPU-only machine DeepSpeed's gloo path uses its shared-memory comm op, compiled on first use into
 # ~/.cache/torch_extensions (a minute or more): build it now, not inside the first training job.
-"$VENV/bin/python" - <<'PY'
+# With the venv's bin first on PATH: its ninja (DeepSpeed's dependency), which the tests use too; a system
+# ninja of another version in the same build folder makes the next build with the other one start over.
+PATH="$(cd "$VENV/bin" && pwd):$PATH" "$VENV/bin/python" - <<'PY'
 import os, torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

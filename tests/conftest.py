@@ -20,7 +20,8 @@ from tests import services
 from tests.datasets import CocoData, ImageFolderData, make_coco, make_image_folder
 from tests.services import TEST_ENV, S3Bucket, new_bucket
 
-os.environ.update(TEST_ENV)
+os.environ.update(TEST_ENV)  # before torch is imported (OMP_NUM_THREADS)
+os.environ.update(services.session_env())
 for _var in services.UNSET:
     os.environ.pop(_var, None)
 

@@ -9,7 +9,7 @@ import time
 import torch
 
 import enat
-from tests.services import HANG_GUARD_S
+from tests.services import HANG_GUARD_S, torch_extensions_dir
 
 
 def tiny_config(**kw) -> enat.ENATConfig:
@@ -151,7 +151,6 @@ def user_env(home) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "MLFLOW_"))}
     env.pop("RAY_ADDRESS", None)
     env.update(HOME=str(home), PYTHONPATH=str(repo), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               # DeepSpeed's compiled CPU op stays where this machine already built it
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   str(Path.home() / ".cache" / "torch_extensions")))
+               # DeepSpeed's compiled CPU op stays where infra/setup.sh built it (not in the fresh HOME)
+               TORCH_EXTENSIONS_DIR=torch_extensions_dir())
     return env

@@ -57,9 +57,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's CPU op was JIT-built by infra/setup.sh: TORCH_EXTENSIONS_DIR, else torch's default
+    for this interpreter (``<root>/py311_cpu``; setup.sh builds there)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+    cu = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return os.path.join(get_default_build_root(), f"{py}_{cu}")
+
+
+def session_env() -> dict[str, str]:
+    """TEST_ENV plus what every process of the session must share. PATH starts with this venv's bin:
+    the venv's ninja (DeepSpeed's dependency) builds DeepSpeed's CPU op, as in infra/setup.sh. With a
+    system ninja of another version first on some processes' PATH, the two alternated in one build folder
+    and each rebuilt the op (25-47 s of compiling, ~4 times per suite run: two command hashes in its
+    .ninja_log)."""
+    path = os.environ.get("PATH", "")
+    if not path.startswith(f"{BIN}{os.pathsep}"):
+        path = f"{BIN}{os.pathsep}{path}"
+    return {**TEST_ENV, "PATH": path, "TORCH_EXTENSIONS_DIR": torch_extensions_dir()}
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """This process's environment with the test settings, this repo importable, and ``extra``."""
-    env = {**os.environ, **TEST_ENV}
+    env = {**os.environ, **session_env()}
     for var in UNSET:
         env.pop(var, None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -203,8 +227,7 @@ def start_ray_cluster(work: Path) -> dict:
     worker.mkdir(exist_ok=True)
     info = work / "cluster.json"
     code = "import sys; from tests.helpers import serve_two_node_cluster; serve_two_node_cluster(*sys.argv[1:])"
-    # a submitted job's `python` is the head's first on PATH: this venv's
-    env = child_env(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = child_env()  # (PATH starts with this venv's bin: a submitted job's `python` is the head's)
     proc = _spawn([sys.executable, "-c", code, str(info), str(head), str(worker)], work, env)
     _wait("two-node Ray", proc, work, info.exists)
     return {"pgid": proc.pid, **json.loads(info.read_text()), "head_dir": str(head), "worker_dir": str(worker)}
