@@ -36,7 +36,7 @@ TEST_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
     # one OpenMP thread per process: the suite runs two pytest workers, a Ray cluster and job subprocesses
-    # on two cores, and oversubscribed OpenMP threads spin (a 2 s DeepSpeed step took 47 s under load)
+    # on two cores; more threads per process only oversubscribe them
     "OMP_NUM_THREADS": "1",
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
