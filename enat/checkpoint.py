@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from typing import BinaryIO, Mapping, Union
 
 import torch
@@ -30,12 +31,12 @@ def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
         name = os.fspath(source)
         if not os.path.exists(name):
             raise FileNotFoundError(f"checkpoint {name!r} does not exist")
-        obj = torch.load(name, map_location="cpu", weights_only=False)
+        obj = _load_weights(name, name)
     elif isinstance(source, (bytes, bytearray)):
-        obj = torch.load(io.BytesIO(source), map_location="cpu", weights_only=False)
+        obj = _load_weights(io.BytesIO(source), name)
     elif hasattr(source, "read"):
         name = getattr(source, "name", "<open file>")
-        obj = torch.load(source, map_location="cpu", weights_only=False)
+        obj = _load_weights(source, name)
     else:
         obj = source
     if not isinstance(obj, Mapping):
@@ -55,6 +56,20 @@ def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def _load_weights(f, name: str):
+    """``torch.load`` with ``weights_only=True``: tensors, containers and plain values only, so a tampered
+    file cannot run code on load. The released checkpoints (ENAT's ``nnet_ema.pth``, MAGE's VQGAN
+    ``{"state_dict": …}``, pytorch-fid's Inception) are such files; one that needs pickle is refused,
+    naming the file and what it asked for."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {name}: refused, loading it would run pickled code ({first}); if you "
+                         f"trust the file, load it yourself with pickle allowed (torch.load, weights_only off) and save its "
+                         f"state dict") from None
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "checkpoint",

@@ -65,6 +65,43 @@ def test_missing_file_and_non_checkpoint(tmp_path):
         enat.ENAT.from_official(str(p), tiny_config())
 
 
+class _Payload:
+    """Pickles to a call of os.system: unpickling it with weights_only=False would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_every_loader(tmp_path):
+    """A tampered checkpoint (a state dict with a pickled payload beside the tensors) is refused, naming the
+    file, by every loader: path, bytes, open file; ENAT, VQGAN, PatchVQ, the FID Inception. Nothing ran."""
+    import io
+
+    from enat.patch_vq import PatchVQ
+
+    marker = tmp_path / "ran"
+    p = tmp_path / "nnet_ema.pth"
+    torch.save({**_sd(tiny_config()), "extra": _Payload(marker)}, p)
+    data = p.read_bytes()
+    loaders = [lambda s: enat.read_state_dict(s), lambda s: enat.ENAT.from_official(s, tiny_config()),
+               lambda s: enat.VQGAN.from_official(s, "mage-f16"), lambda s: PatchVQ.from_state_dict(s),
+               lambda s: enat.FIDInception.from_pytorch_fid(s)]
+    for load in loaders:
+        for source in (str(p), data, io.BytesIO(data)):
+            with pytest.raises(ValueError, match="refused, loading it would run pickled code"):
+                load(source)
+    with pytest.raises(ValueError, match=f"checkpoint {p}: refused"):
+        enat.read_state_dict(str(p))
+    assert not marker.exists()
+    # the same weights saved as a plain state dict load as before
+    torch.save(_sd(tiny_config()), p)
+    assert enat.read_state_dict(str(p)).keys() == _sd(tiny_config()).keys()
+
+
 def test_official_state_dict_layout_enat_l():
     with torch.device("meta"):
         m = enat.ENAT(enat.ENATConfig.preset("enat-l"))

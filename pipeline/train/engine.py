@@ -218,7 +218,8 @@ class TrainState:
     def restore(self, directory: str, accum: int) -> None:
         """Load a checkpoint folder: weights, optimizer, EMA, step, data position, RNG states, run id."""
         _, client = self.engine.load_checkpoint(directory, tag="ckpt")
-        self.ema.load_state_dict(torch.load(os.path.join(directory, "ema.pt"), map_location=self.gen.device))
+        self.ema.load_state_dict(torch.load(os.path.join(directory, "ema.pt"), map_location=self.gen.device,
+                                           weights_only=True))
         self.step, self.epoch = client["step"], client["epoch"]
         # checkpoints written before "epoch_batch" recorded optimizer steps into the epoch
         self.epoch_batch = client["epoch_batch"] if "epoch_batch" in client else client["epoch_step"] * accum
