@@ -136,11 +136,15 @@ def subprocess_env() -> dict[str, str]:
 # scheduling and GPU tests
 
 
+def _on_cluster(item) -> bool:
+    return "ray_cluster" in item.fixturenames
+
+
 def pytest_itemcollected(item):
     """The group of each test (the module docstring), set as it is collected: xdist's worker reads the
     groups in its own pytest_collection_modifyitems."""
     if not any(True for _ in item.iter_markers("xdist_group")):
-        group = "cluster" if "ray_cluster" in item.fixturenames else item.path.name
+        group = "cluster" if _on_cluster(item) else item.path.name
         item.add_marker(pytest.mark.xdist_group(group))
 
 
@@ -157,9 +161,7 @@ def pytest_collection_modifyitems(config, items):
     """The order of the module docstring. Tests marked `gpu` are skipped where CUDA is absent, unless
     ENAT_TEST_DEVICE=cpu asks to run them on the CPU (the smoke run of benchmarks/gpu_check.sh)."""
     def rank(item) -> int:
-        if "ray_cluster" in item.fixturenames:
-            return 0
-        return 1 if item.get_closest_marker("long") else 2
+        return 0 if _on_cluster(item) else 1 if item.get_closest_marker("long") else 2
 
     items.sort(key=rank)  # stable: file order within each rank
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]

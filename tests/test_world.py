@@ -240,7 +240,6 @@ def trained(world, tokenized):
             guard.join(1)
             assert killed, "no training worker was killed (test setup)"
             assert again.error is None, again.error
-            world["killed"] = killed
         else:
             result = _run("train", name, over + ["compute.workers=1", "compute.cpus_per_worker=1", "train.steps=2",
                                                  "output.checkpoint_every=2", "compute.max_failures=0"])
