@@ -156,12 +156,12 @@ def run(out: Path, size: str = "small", store: Optional[str] = None, inception: 
         res = train_job.main([f"data.root={storage.join(store, 'tokens', 'digits')}", f"train.steps={s['steps']}",
                               "train.run_name=demo-class", f"output.checkpoint_every={s['steps']}",
                               "mlflow.aliases=[candidate]", *train_common])
-        report["train"] = {"checkpoint": str(res.checkpoint.path) if res.checkpoint else None}
+        report["train"] = {"checkpoint": res.checkpoint}
         res_t = train_job.main([f"data.root={storage.join(store, 'tokens', 'captions')}", "data.split=train2014",
                                 "data.flip=none",
                                 f"train.steps={s['text_steps']}", "train.run_name=demo-text",
                                 f"output.checkpoint_every={s['text_steps']}", *train_common])
-        report["train_text"] = {"checkpoint": str(res_t.checkpoint.path) if res_t.checkpoint else None}
+        report["train_text"] = {"checkpoint": res_t.checkpoint}
         train_run = _run_id(tracking, "demo-class")
 
         _log(f"[demo 4/5] sampling {s['samples']} digits with the Ray sampling job"

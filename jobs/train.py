@@ -57,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
         result = run_ray(cfg, split)
     if result.error:
         raise SystemExit(f"enat train: error: {user_error(result.error) or result.error}")
-    print(f"[train] done; latest checkpoint: {result.checkpoint}", flush=True)
+    print(f"[train] done; latest checkpoint: {redact(result.checkpoint or 'none')}", flush=True)
     return result
 
 

@@ -34,6 +34,7 @@ import torch
 from pipeline import storage
 from pipeline.commits import sha256
 from pipeline.config import location
+from pipeline.errors import DataError
 from pipeline.shards import Rows, SplitInfo, open_split, read_shard_bytes
 
 
@@ -136,11 +137,11 @@ def load_split_rows(info: SplitInfo, storage_cfg: storage.StorageLike = None, ve
     for row, p in zip(info.shards, paths):
         data = blobs[p]
         if verify and sha256(data) != row["sha256"]:
-            raise ValueError(f"{storage.redact(storage.to_url(fs, p))}: sha256 differs from the manifest "
+            raise DataError(f"{storage.redact(storage.to_url(fs, p))}: sha256 differs from the manifest "
                              f"(corrupt or replaced shard)")
         rows = read_shard_bytes(data, seq_len=info.seq_len)
         if len(rows) != row["samples"]:
-            raise ValueError(f"{row['name']}: {len(rows)} samples, manifest says {row['samples']}")
+            raise DataError(f"{row['name']}: {len(rows)} samples, manifest says {row['samples']}")
         parts.append(rows)
     return Rows.concat(parts, seq_len=info.seq_len)
 

@@ -88,7 +88,7 @@ def test_bf16_deepspeed_step_with_reuse_under_torchrun(tmp_path):
     if DEVICE != "cpu":
         assert "gpu_mem_gb" in r.stdout, "the step did not run on the GPU:\n" + log
     ckpt = tmp_path / "ckpt" / "enat" / f"step_{steps:09d}"
-    assert (ckpt / "COMPLETE").exists(), log
+    assert (ckpt / "manifest.json").exists(), log
     ema = torch.load(ckpt / "ema.pt", map_location="cpu")
     assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in ema.values())
 

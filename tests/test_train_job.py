@@ -1,5 +1,5 @@
-"""jobs.train without Ray: the torchrun launcher (resume by COMPLETE marker, ZeRO-3 with gradient
-accumulation on two processes), config errors before any worker, presets and the DeepSpeed JSON. Training
+"""jobs.train without Ray: the torchrun launcher (resume from the newest intact checkpoint, damaged ones
+named and skipped; ZeRO-3 with gradient accumulation on two processes), config errors before any worker, presets and the DeepSpeed JSON. Training
 under Ray Train (two nodes, S3, the MLflow server, a worker killed and resumed) is the shared world's:
 tests/test_world.py."""
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_torchrun_launcher_without_ray(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=HANG_GUARD_S,
                        env={**child_env()}, cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert (tmp_path / "ckpt" / "enat" / "step_000000006" / "COMPLETE").exists()
+    assert (tmp_path / "ckpt" / "enat" / "step_000000006" / "manifest.json").exists()
     # a second invocation resumes from step 6 and trains to 8
     r = subprocess.run([sys.executable, "-c", code, *args[:-4], "train.steps=8", *args[-3:]],
                        capture_output=True, text=True, timeout=HANG_GUARD_S, env={**child_env()},
@@ -142,6 +142,64 @@ def test_zero3_with_gradient_accumulation_two_processes(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 6/6" in r.stdout
     ckpt = tmp_path / "ckpt" / "enat" / "step_000000006"
-    assert (ckpt / "COMPLETE").exists()
+    assert (ckpt / "manifest.json").exists()
     ema = torch.load(ckpt / "ema.pt")
     assert ema["blocks.0.attn.q.weight"].shape == (64, 64)             # full (gathered) EMA weights
+
+
+def _torchrun_job(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**child_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run([sys.executable, "-m", "jobs.train", *args], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S, env=env, cwd=str(Path(__file__).resolve().parents[1]))
+
+
+def test_damaged_or_missing_checkpoints_fall_back_to_the_newest_intact_one(tmp_path):
+    """Checkpoints at steps 2, 4, 6 (each committed by its manifest). The newest one's ema.pt cut in half and
+    the one before it without its DeepSpeed model states: the rerun names both and resumes from step 2,
+    and its step-6 EMA equals the uninterrupted run's. An explicit output.resume_from sets newer ones
+    aside; with every checkpoint damaged the job ends in one line (exit 2) instead of starting over."""
+    root = str(tmp_path / "tok")
+    write_shapes_dataset(root, n=64, per_shard=32)
+    ckpt = tmp_path / "ckpt" / "enat"
+    args = COMMON + [f"data.root={root}", "compute.workers=1", "launcher=torchrun", "train.global_batch=16",
+                     "train.steps=6", "output.checkpoint_every=2", "output.keep_last=0", "train.log_every=1",
+                     f"output.uri={tmp_path / 'ckpt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    r = _torchrun_job(args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == ["step_000000002", "step_000000004", "step_000000006"], names
+    reference = torch.load(ckpt / "step_000000006" / "ema.pt", weights_only=True)
+
+    ema = ckpt / "step_000000006" / "ema.pt"
+    ema.write_bytes(ema.read_bytes()[: ema.stat().st_size // 2])
+    (ckpt / "step_000000004" / "ckpt" / "mp_rank_00_model_states.pt").unlink()
+    r = _torchrun_job(args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step_000000006: ema.pt has" in r.stdout and "truncated or replaced" in r.stdout, r.stdout
+    assert "step_000000004: ckpt/mp_rank_00_model_states.pt is missing" in r.stdout, r.stdout
+    assert "resumed from step 2" in r.stdout, r.stdout
+    again = torch.load(ckpt / "step_000000006" / "ema.pt", weights_only=True)
+    for k in reference:  # one rank, fp32, the same kernels: the resumed run recomputes the same steps
+        torch.testing.assert_close(again[k], reference[k], rtol=1e-5, atol=1e-7)
+
+    # an explicit resume point: step 4 again, and step 6 (another history now) is set aside, not deleted
+    r = _torchrun_job(args[:-2] + ["train.steps=5", "output.resume_from=step_000000004", *args[-2:]], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from step 4" in r.stdout, r.stdout
+    assert (ckpt / "step_000000006" / "manifest.superseded.json").exists()
+    assert not (ckpt / "step_000000006" / "manifest.json").exists()
+    assert (ckpt / "step_000000005" / "manifest.json").exists()
+
+    # every committed checkpoint damaged (one flipped bit each): one line naming the run, exit 2
+    for name in ("step_000000002", "step_000000004", "step_000000005"):
+        f = ckpt / name / "ema.pt"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 1
+        f.write_bytes(bytes(data))
+    r = _torchrun_job(args, tmp_path)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("enat train: error: output.resume_from: no intact checkpoint in "), last
+    assert "step_000000005: ema.pt: sha256 differs from the manifest" in last, last

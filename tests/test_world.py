@@ -192,14 +192,14 @@ def _tokens_for(train_cfg: dict, tokenized: dict) -> str:
 
 def _kill_a_training_worker_after(cluster, ckpt_dir: str, fs, killed: list) -> threading.Thread:
     """SIGKILL one Ray Train worker of this cluster (not of any other Ray on the machine) once the
-    checkpoint folder `ckpt_dir` exists on storage."""
+    checkpoint folder `ckpt_dir` is committed on storage (its manifest.json written)."""
     import psutil
 
     def run():
         deadline = time.time() + HANG_GUARD_S
         while time.time() < deadline and not killed:
             fs.invalidate_cache()
-            if fs.exists(ckpt_dir):
+            if fs.exists(f"{ckpt_dir}/manifest.json"):
                 for p in psutil.Process(cluster.pid).children(recursive=True):
                     try:
                         if any("RayTrainWorker" in c for c in p.cmdline()):
@@ -240,6 +240,11 @@ def trained(world, tokenized):
             guard.join(1)
             assert killed, "no training worker was killed (test setup)"
             assert again.error is None, again.error
+            # the user deletes the newest checkpoint folder: the rerun resumes from the one before (Ray Train
+            # keeps no checkpoint record of its own that could point at the deleted folder) and writes it again
+            world["fs"].rm(f"{world['bucket']}/ckpt/{run_name}-killed/step_{STEPS:09d}", recursive=True)
+            rerun = _run("train", name, over + ["compute.max_failures=0", f"train.run_name={run_name}-killed"])
+            assert rerun.error is None, rerun.error
         else:
             result = _run("train", name, over + ["compute.workers=1", "compute.cpus_per_worker=1", "train.steps=2",
                                                  "output.checkpoint_every=2", "compute.max_failures=0"])
@@ -337,8 +342,13 @@ def test_a_killed_training_worker_resumes_equal_to_the_uninterrupted_run(trained
     client = mlflow.MlflowClient(world["mlflow"])
     run_name, ckpt, _ = trained[name]
     ref = _losses(client, _run_of(client, cfg, run_name))
-    got = _losses(client, _run_of(client, cfg, f"{run_name}-killed"))
+    killed_run = _run_of(client, cfg, f"{run_name}-killed")
+    got = _losses(client, killed_run)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    # the restart after the kill and the rerun after the newest folder was deleted both resumed from step 3:
+    # steps 1..3 were trained (and logged) once
+    history = [m.step for m in client.get_metric_history(killed_run.info.run_id, "loss")]
+    assert [history.count(s) for s in range(1, EVERY + 1)] == [1] * EVERY, sorted(history)
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-3), (s, got[s], ref[s])
     fs = world["fs"]

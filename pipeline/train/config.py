@@ -8,6 +8,7 @@ their storage locations.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
@@ -100,10 +101,16 @@ class TrainOutputSection:
     uri: str = location("runs/checkpoints")  # storage URL (s3://..., file://..., a path); run_name is appended
     checkpoint_every: int = 1000  # steps; also one at the end
     keep_last: int = 3  # 0: keep every checkpoint
+    # latest: the newest intact checkpoint of the run (a damaged one is named and skipped); none: start over;
+    # step_000001000: that one (newer ones are then set aside: their manifest.json is renamed)
+    resume_from: str = "latest"
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1 or self.keep_last < 0:
             raise ValueError("checkpoint_every must be >= 1 and keep_last >= 0")
+        if self.resume_from not in ("latest", "none") and not re.fullmatch(r"step_\d{9}", self.resume_from):
+            raise ValueError(f"resume_from: must be latest, none or a checkpoint name like step_000001000, "
+                             f"got {self.resume_from!r}")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Checkpoint layout (one folder per checkpoint, stable names ``step_000010000``):
     ema.pt                       the EMA weights, plain state dict in the official key layout
                                  (``ENAT.from_official`` loads it for sampling)
     config.json                  the resolved train config, the model config, the step, the MLflow run id
+    manifest.json                every file's size and sha256, written last (pipeline.train.checkpoints)
 client_state (inside the DeepSpeed files): step, data position, RNG states, MLflow run id.
 """
 from __future__ import annotations

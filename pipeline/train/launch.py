@@ -8,7 +8,7 @@ the environment, checkpoints written to ``output.uri`` through fsspec).
 from __future__ import annotations
 
 import os
-import tempfile
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -16,75 +16,54 @@ import torch
 from pipeline import storage
 from pipeline.cluster import keep_freed_memory
 from pipeline.shards import SplitInfo
+from pipeline.train.checkpoints import CheckpointStore
 from pipeline.train.config import TrainJobConfig, uses_gpu
 
 
 class RayContext:
-    """Ranks and checkpoints through Ray Train."""
+    """Ranks through Ray Train's context; checkpoints in this run's :class:`CheckpointStore`, with Ray told the
+    metrics only (see pipeline.train.checkpoints for why Ray keeps no checkpoint of its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: TrainJobConfig) -> None:
         import ray.train
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
+        self.store = checkpoint_store(cfg)
+        self.resume_from = cfg.output.resume_from
 
     def restore(self) -> Optional[str]:
-        """A local directory holding the latest reported checkpoint, or None."""
-        import ray.train
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        return ckpt.to_directory()
+        """A local directory holding the checkpoint to resume from, or None."""
+        return self.store.restore(self.rank, self.resume_from)
 
     def report(self, metrics: dict, ckpt_dir: Optional[str], name: Optional[str]) -> None:
         import ray.train
-        from ray.train import Checkpoint
-        if ckpt_dir is None:
-            ray.train.report(metrics)
-        else:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir), checkpoint_dir_name=name)
+        if ckpt_dir is not None:
+            self.store.save(ckpt_dir, name, self.rank, metrics["step"])
+        ray.train.report({**metrics, **({"checkpoint": name} if name else {})})
 
 
 class LocalContext:
-    """torchrun / deepspeed launcher: ranks from the environment, checkpoints straight to storage."""
+    """torchrun / deepspeed launcher: ranks from the environment, checkpoints in the same store."""
 
     def __init__(self, cfg: TrainJobConfig) -> None:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.cfg = cfg
-        self.root = storage.join(cfg.output.uri, cfg.train.run_name)
-
-    def _fs(self):
-        return storage.filesystem(self.root, self.cfg.storage)
+        self.store = checkpoint_store(cfg)
+        self.resume_from = cfg.output.resume_from
 
     def restore(self) -> Optional[str]:
-        fs, path = self._fs()
-        storage.invalidate(fs, path)
-        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in (fs.ls(path, detail=False) if fs.exists(path) else [])
-                       if p.rstrip("/").rsplit("/", 1)[-1].startswith("step_"))
-        complete = [n for n in names if fs.exists(f"{path}/{n}/COMPLETE")]
-        if not complete:
-            return None
-        local = tempfile.mkdtemp(prefix="enat-restore-")
-        fs.get(f"{path}/{complete[-1]}/", local + "/", recursive=True)
-        return local
+        return self.store.restore(self.rank, self.resume_from)
 
     def report(self, metrics: dict, ckpt_dir: Optional[str], name: Optional[str]) -> None:
-        if ckpt_dir is None:
-            return
-        import torch.distributed as dist
-        fs, path = self._fs()
-        fs.put(ckpt_dir.rstrip("/") + "/", f"{path}/{name}/", recursive=True)
-        if dist.is_initialized():
-            dist.barrier()
-        if self.rank == 0:  # a checkpoint counts only once every rank uploaded its files
-            fs.pipe(f"{path}/{name}/COMPLETE", b"")
-            keep = self.cfg.output.keep_last
-            storage.invalidate(fs, path)
-            old = sorted(p for p in fs.ls(path, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("step_"))
-            for p in old[:-keep] if keep > 0 else []:
-                fs.rm(p, recursive=True)
+        if ckpt_dir is not None:
+            self.store.save(ckpt_dir, name, self.rank, metrics["step"])
+
+
+def checkpoint_store(cfg: TrainJobConfig) -> CheckpointStore:
+    """The checkpoints of this run: ``output.uri``/``train.run_name``."""
+    return CheckpointStore(storage.join(cfg.output.uri, cfg.train.run_name), cfg.storage, cfg.output.keep_last)
 
 
 def init_worker(cfg: TrainJobConfig, local_rank: int) -> torch.device:
@@ -108,11 +87,58 @@ def init_worker(cfg: TrainJobConfig, local_rank: int) -> torch.device:
     return device
 
 
-def run_ray(cfg: TrainJobConfig, split: SplitInfo) -> Any:
-    """Run training under Ray Train; returns Ray's Result. ``split`` is the token split the driver opened
-    (its dataset.json and manifest travel to the workers). Resumes automatically from the latest
-    checkpoint of the same run name in storage, and restarts lost workers (``compute.max_failures``)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+@dataclass
+class TrainResult:
+    """What a Ray Train run left: the URL of its newest committed checkpoint and Ray's final metrics."""
+
+    checkpoint: Optional[str]
+    metrics: Optional[dict]
+    error: Optional[BaseException] = None
+
+
+def _end_on_user_error():
+    """A Ray Train callback (runs in the controller) that ends the run at once when a worker failed with a
+    deterministic error (a damaged shard or checkpoint, a bad value: pipeline.cluster.user_error knows it):
+    the same input would fail the same way on every one of ``compute.max_failures`` restarts. An error
+    raised here ends the controller's run without a retry (Ray's failure policy retries only worker-group
+    errors); lost workers and nodes are still restarted."""
+    from ray.train.v2.api.callback import UserCallback
+
+    from pipeline.cluster import user_error
+    from pipeline.errors import UserError
+
+    class EndOnUserError(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank in sorted(worker_exceptions):
+                message = user_error(worker_exceptions[rank])
+                if message is not None:
+                    _quiet_controller_log()
+                    raise UserError(message)
+
+    return EndOnUserError()
+
+
+def _quiet_controller_log() -> None:
+    """In the controller: drop its "Error in control loop iteration" record (a traceback through Ray's
+    internals) for the UserError raised above; the driver prints the error's one line."""
+    import logging
+
+    from pipeline.errors import UserError
+
+    class NotUserError(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+    log = logging.getLogger("ray.train.v2._internal.execution.controller.controller")
+    if not any(isinstance(f, NotUserError) for f in log.filters):
+        log.addFilter(NotUserError())
+
+
+def run_ray(cfg: TrainJobConfig, split: SplitInfo) -> TrainResult:
+    """Run training under Ray Train. ``split`` is the token split the driver opened (its dataset.json and
+    manifest travel to the workers). Resumes from the newest intact checkpoint of the same run name in
+    storage, restarts lost workers (``compute.max_failures``) and ends at once on a deterministic error."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.cluster import worker_env
@@ -140,9 +166,10 @@ def run_ray(cfg: TrainJobConfig, split: SplitInfo) -> Any:
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_last or None),
+                             callbacks=[_end_on_user_error()],
                              worker_runtime_env={"env_vars": env},
                              # Ray Train's own lines (worker group start, checkpoint reports): its logs only
                              logging_config=LoggingConfig(log_level="INFO" if cfg.ray.verbose else "WARNING")),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    return TrainResult(checkpoint_store(cfg).latest(), result.metrics, result.error)

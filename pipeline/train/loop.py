@@ -5,12 +5,15 @@ Only rank 0 talks to MLflow. The recipe defaults are the paper's (enat-facts §5
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
 
 import enat
+from pipeline.cluster import user_error
+from pipeline.errors import UserError
 from pipeline.models import model_config
 from pipeline.readers import make_reader
 from pipeline.shards import SplitInfo
@@ -24,8 +27,35 @@ def train_loop(config: dict) -> None:
     """Per-worker entry (Ray Train's ``train_loop_per_worker``, or called directly under torchrun):
     ``config = {"config": TrainJobConfig, "split": SplitInfo}``, the split as the driver opened it."""
     cfg: TrainJobConfig = config["config"]
-    ctx = LocalContext(cfg) if cfg.launcher == "torchrun" else RayContext()
-    _train(cfg, config["split"], ctx)
+    ctx = LocalContext(cfg) if cfg.launcher == "torchrun" else RayContext(cfg)
+    try:
+        _train(cfg, config["split"], ctx)
+    except Exception as e:
+        message = user_error(e) if cfg.launcher == "ray" else None
+        if message is None:
+            raise
+        # a deterministic error (a damaged shard or checkpoint, a bad value): one line from this rank, and
+        # the run ends at once (launch._end_on_user_error) with that line on the driver. Ray Train would
+        # log the whole traceback of every rank; the line says what to fix.
+        print(f"[train] rank {ctx.rank}: error: {message}", flush=True)
+        _drop_next_traceback_log()
+        raise UserError(message) from None
+
+
+def _drop_next_traceback_log() -> None:
+    """Ray Train's worker logs "Error in training function:" and the traceback of what the train function
+    raised (ray/train/v2/_internal/util.py); for a deterministic error this rank printed its one line."""
+    import logging
+
+    class Once(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if str(record.msg).startswith("Error in training function"):
+                log.removeFilter(self)
+                return False
+            return True
+
+    log = logging.getLogger("ray.train.v2._internal.util")
+    log.addFilter(Once())
 
 
 def _train(cfg: TrainJobConfig, split: SplitInfo, ctx) -> None:
@@ -36,12 +66,13 @@ def _train(cfg: TrainJobConfig, split: SplitInfo, ctx) -> None:
     reader = make_reader(replace(cfg.data, batch_size=micro), rank=ctx.rank, world_size=ctx.world_size,
                          storage_cfg=cfg.storage, info=split)
 
-    # 2. engine + EMA + RNG streams, restored from the latest checkpoint; (epoch, batch) is the whole
+    # 2. engine + EMA + RNG streams, restored from the newest intact checkpoint (or output.resume_from); (epoch, batch) is the whole
     #    data position, so the reader resumes exactly
     state = TrainState.build(cfg, mcfg, device, ctx.rank, null_text=reader.empty_context)
     restore_dir = ctx.restore()
     if restore_dir is not None:
         state.restore(restore_dir, accum)
+        shutil.rmtree(restore_dir, ignore_errors=True)  # the verified download; the checkpoint stays on storage
         if ctx.rank == 0:
             print(f"[train] resumed from step {state.step} (epoch {state.epoch}, batch {state.epoch_batch})",
                   flush=True)
