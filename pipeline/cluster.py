@@ -316,7 +316,7 @@ def preflight(cfg: Any) -> None:
 
 
 # errors whose message says what to fix; anything else is a bug and keeps its traceback
-_USER_ERRORS = ("ConfigError", "FileNotFoundError", "PermissionError", "EndpointConnectionError",
+_USER_ERRORS = ("UserError", "ConfigError", "FileNotFoundError", "PermissionError", "EndpointConnectionError",
                 "NoCredentialsError", "AuthenticationError")
 
 
@@ -337,7 +337,9 @@ def user_error(exc: BaseException) -> Optional[str]:
             if type(e).__name__ == "EndpointConnectionError":
                 text = f"storage.endpoint_url: cannot reach the object store ({text}); check the endpoint"
             return redact(text)
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        # Ray wraps: a task's `cause`, Ray Train's ControllerError and WorkerGroupError
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
+                 *(getattr(e, "worker_failures", None) or {}).values()]
     return None
 
 
