@@ -56,7 +56,9 @@ class ReaderConfig:
     shuffle_shards: bool = True  # stream: shuffle the shard order every epoch
     resampled: bool = False  # stream: draw shards with replacement forever (set batches_per_epoch)
     batches_per_epoch: Optional[int] = None  # stream: nominal epoch length in batches
-    verify: bool = True  # memory: check every shard's sha256 against the manifest
+    # check every shard's sha256 against the manifest before its rows are used (memory; stream of token-only
+    # shards). Caption shards streamed by byte ranges are not hashed: only the rows used are fetched
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_uncond < 1.0:
@@ -254,5 +256,5 @@ def make_reader(cfg: ReaderConfig, rank: int = 0, world_size: int = 1, storage_c
 
         return StreamingReader(cfg.root, cfg.split, num_workers=cfg.num_workers, shuffle_shards=cfg.shuffle_shards,
                                shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
-                               batches_per_epoch=cfg.batches_per_epoch, **common)
+                               batches_per_epoch=cfg.batches_per_epoch, verify=cfg.verify, **common)
     raise ValueError(f"reader.kind: unknown reader {cfg.kind!r}; known: memory, stream")

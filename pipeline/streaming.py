@@ -13,6 +13,8 @@ import torch
 
 from pipeline import shards as shards_mod
 from pipeline import storage
+from pipeline.commits import sha256
+from pipeline.errors import DataError
 from pipeline.ranged import RangeReader
 from pipeline.readers import TokenReader, _seeds
 from pipeline.shards import SplitInfo
@@ -60,6 +62,31 @@ class _RangedShards:
             fs, path = storage.filesystem(url, self.storage_cfg)
             reader = RangeReader(fs, path, self.sizes.get(url), self.chunk)
             for entry in shards_mod.iter_tar_entries_ranged(reader, lazy=("text.npy",)):
+                yield {**entry, "__url__": url}
+
+
+class _VerifiedShards:
+    """Pipeline stage for token-only shards: ``{"url": …}`` → tar entries of the whole shard, read in one
+    request and checked against the manifest's sha256 before any row is used (a damaged shard is never
+    trained on). Raises :class:`~pipeline.errors.DataError` naming the shard. Picklable (spawn workers)."""
+
+    def __init__(self, storage_cfg: storage.StorageLike, digests: dict[str, str], verify: bool):
+        self.storage_cfg = storage.as_storage_config(storage_cfg)
+        self.digests, self.verify = digests, verify
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        import tarfile
+
+        for sample in src:
+            url = sample["url"]
+            data = storage.read_url(url, self.storage_cfg)
+            if self.verify and sha256(data) != self.digests.get(url):
+                raise DataError(f"{storage.redact(url)}: sha256 differs from the manifest (corrupt or replaced shard)")
+            try:
+                entries = list(shards_mod.iter_tar_entries(data))
+            except tarfile.TarError as e:  # only reachable with verify off
+                raise DataError(f"{storage.redact(url)}: not a readable tar ({e})") from None
+            for entry in entries:
                 yield {**entry, "__url__": url}
 
 
@@ -157,7 +184,7 @@ class StreamingReader(TokenReader):
                  resampled: bool = False, batches_per_epoch: Optional[int] = None, drop_last: bool = False,
                  epoch: int = 0, step: int = 0, storage_cfg: storage.StorageLike = None,
                  multiprocessing_context: Optional[str] = None, range_chunk: int = 64 * 1024,
-                 info: Optional[SplitInfo] = None):
+                 info: Optional[SplitInfo] = None, verify: bool = True):
         if resampled and not batches_per_epoch:
             raise ValueError("batches_per_epoch: required with resampled=True (the stream is infinite)")
         self._open(root, split, rank, world_size, flip, storage_cfg, info)
@@ -168,7 +195,7 @@ class StreamingReader(TokenReader):
         self.seed, self.flip, self.caption, self.p_uncond = seed, flip, caption, p_uncond
         self.shuffle_shards, self.shuffle_buffer, self.resampled = shuffle_shards, shuffle_buffer, resampled
         self.batches_per_epoch, self.drop_last, self.epoch, self.step = batches_per_epoch, drop_last, epoch, step
-        self.multiprocessing_context, self.range_chunk = multiprocessing_context, range_chunk
+        self.multiprocessing_context, self.range_chunk, self.verify = multiprocessing_context, range_chunk, verify
 
     def pipeline(self, epoch: int) -> Any:
         """The ``webdataset.DataPipeline`` of one epoch for this rank (batches of ``batch_size``)."""
@@ -177,8 +204,9 @@ class StreamingReader(TokenReader):
         if self.info.dataset.get("text"):  # caption features: fetch only the rows used
             sizes = {u: int(r["bytes"]) for u, r in zip(self.info.urls, self.info.shards)}
             opener: Any = _RangedShards(self.storage_cfg, sizes, self.range_chunk)
-        else:  # token rows only: one sequential read per shard
-            opener = storage.ShardOpener(self.storage_cfg)
+        else:  # token rows only: one read per shard, verified against the manifest before use
+            opener = _VerifiedShards(self.storage_cfg, {u: r["sha256"] for u, r in zip(self.info.urls, self.info.shards)},
+                                     self.verify)
         return wds.DataPipeline(
             _ShardSource(self.info.urls, self.seed, epoch, self.rank, self.world_size, self.shuffle_shards,
                          self.resampled),
@@ -199,7 +227,11 @@ class StreamingReader(TokenReader):
         it = iter(self.loader(self.epoch))
         try:
             while self.batches_per_epoch is None or count < self.batches_per_epoch:
-                batch = next(it, None)
+                try:
+                    batch = next(it, None)
+                except DataError as e:  # from a DataLoader worker: its message holds the worker's traceback
+                    last = str(e).strip().splitlines()[-1]
+                    raise DataError(last.split("DataError: ", 1)[-1]) from None
                 if batch is None:
                     break
                 count += 1

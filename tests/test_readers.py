@@ -285,3 +285,27 @@ def test_make_reader_from_config(dataset):
     st = make_reader(ReaderConfig(kind="stream", root=root, batch_size=5, num_workers=0, shuffle_buffer=0,
                                   shuffle_shards=False, flip="none"))
     assert [i for b in st for i in b["index"].tolist()] == list(range(50))  # no shuffling: stable order
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_stream_reader_never_yields_rows_of_a_damaged_shard(tmp_path, damage):
+    """Token-only shards streamed by DataLoader workers are checked against the manifest before any row is
+    used: a flipped bit or a shard cut mid-member fails naming the shard, before its rows reach a batch."""
+    from pipeline.errors import DataError
+    root = str(tmp_path / "tok")
+    write_dataset(root, n=24, per_shard=6)
+    shards = sorted((tmp_path / "tok" / "train").glob("*.tar"))
+    bad = shards[1]
+    data = bytearray(bad.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 1
+    else:
+        data = data[: len(data) // 2]
+    bad.write_bytes(bytes(data))
+    reader = StreamingReader(root, batch_size=2, num_workers=1, shuffle_shards=False, shuffle_buffer=0)
+    seen = []
+    with pytest.raises(DataError) as e:
+        for batch in reader:
+            seen += batch["key"]
+    assert str(e.value) == f"{bad}: sha256 differs from the manifest (corrupt or replaced shard)"
+    assert len(seen) <= 6  # at most the first shard's rows; none of the damaged one
