@@ -360,6 +360,35 @@ def test_a_killed_training_worker_resumes_equal_to_the_uninterrupted_run(trained
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
 
 
+def test_a_damaged_shard_ends_the_run_at_once_in_one_line(trained, tokenized, world, capfd):
+    """A token shard on S3 with one flipped bit, read by the memory reader on both nodes: the run ends at
+    once (no max_failures restart: the same bytes would fail again) in one line naming the shard, exit 2."""
+    from jobs.train import main
+    from pipeline.cluster import cli
+    name = "train-imagenet256-enat-l.yaml"
+    cfg = _config(name)
+    fs, src = world["fs"], _tokens_for(cfg, tokenized).replace("s3://", "")
+    dst = f"{world['bucket']}/damaged-tokens"
+    fs.copy(src, dst, recursive=True)
+    shard = sorted(p for p in fs.find(f"{dst}/{cfg['data']['split']}") if p.endswith(".tar"))[0]
+    data = bytearray(fs.cat_file(shard))
+    data[len(data) // 2] ^= 1
+    fs.pipe_file(shard, bytes(data))
+    capfd.readouterr()
+    rc = cli(main, ["--config", str(CONFIGS / name), f"data.root=s3://{dst}", f"storage.endpoint_url={world['endpoint']}",
+                    *TINY_MODEL, *ONE_PER_NODE, "train.global_batch=4", "compute.gpus_per_worker=0",
+                    "compute.max_failures=2", f"output.uri={world['url']('ckpt')}", "train.run_name=damaged",
+                    "mlflow.enabled=false"], "train")
+    out, err = capfd.readouterr()
+    assert rc == 2, (out[-3000:], err[-3000:])
+    assert err.strip().splitlines()[-1] == f"enat train: error: s3://{shard}: sha256 differs from the manifest " \
+                                            f"(corrupt or replaced shard)", err[-3000:]
+    assert "Traceback" not in out + err and "Error in training function" not in out + err, (out + err)[-3000:]
+    # one attempt: each of the two ranks said it once (a restart would have said it again)
+    lines = [ln for ln in out.splitlines() if "error: s3://" in ln]
+    assert len(lines) <= 2 and not any("repeated" in ln for ln in lines), lines
+
+
 def test_register_any_checkpoint_and_move_an_alias(trained, world):
     """`enat register <checkpoint folder> --alias candidate`: a new version of the training run's model,
     logged into the training run, pointing at that folder's ema.pt; models:/<name>@candidate resolves to it."""

@@ -1,9 +1,9 @@
 """How training is launched: Ray Train (``run_ray``) or a plain launcher (torchrun / ``deepspeed``).
 
 One train loop (:func:`pipeline.train.loop.train_loop`) serves both; what differs is a small context
-object: :class:`RayContext` (ranks from the train context, checkpoints reported with
-``ray.train.report``, resume from ``ray.train.get_checkpoint()``) and :class:`LocalContext` (ranks from
-the environment, checkpoints written to ``output.uri`` through fsspec).
+object: :class:`RayContext` (ranks from Ray Train's context, metrics told to ``ray.train.report``) and
+:class:`LocalContext` (ranks from the environment). Both keep checkpoints in the run's
+:class:`~pipeline.train.checkpoints.CheckpointStore` on ``output.uri``.
 """
 from __future__ import annotations
 
