@@ -14,35 +14,20 @@ Conventions (ecosystem.md §4): tracking URI = config value, else ``$MLFLOW_TRAC
 sqlite store ``./mlruns.db`` with artifacts in ``./mlartifacts``; resume = ``start_run(run_id=...)``;
 evaluations are child runs of the training run (tag ``mlflow.parentRunId``); credentials never go into
 params or tags (values are passed through :func:`pipeline.storage.redact`).
-
-Tracking never stops the work: a :class:`Run` logs through a :class:`pipeline.remote.Outbox` (calls
-return at once; kept, bounded, while the server is away; one warning per outage; one line at the end
-with what was not logged).
 """
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
 import re
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from pipeline.remote import Outbox, redact_logs, split_userinfo, unreachable
 from pipeline.storage import redact
 
 PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value (characters)
-# MLflow's HTTP retries and timeout unless the environment sets them: its own retry a request for ~4 minutes
-# (7 retries, 120 s timeout); a Run's outbox retries on its own while the job runs
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-BUFFER_VALUES = 100_000  # metric values, params and tags kept while the server is away
-BUFFER_BYTES = 256 * 2 ** 20  # images and artifacts kept meanwhile
-SYNC_WAIT_S = 30.0  # the most a call that returns the server's answer waits (log_params, register_checkpoint)
-END_WAIT_S = 30.0  # the most Run.end waits for what is still to send
 
 
 def tracking_uri(uri: Optional[str] = None) -> str:
@@ -52,27 +37,24 @@ def tracking_uri(uri: Optional[str] = None) -> str:
 
 def check_reachable(uri: Optional[str] = None, timeout: float = 5.0) -> None:
     """Raise ``ConfigError`` naming ``mlflow.tracking_uri`` when an http(s) tracking server does not answer
-    its health check (MLflow's own client would retry for minutes first). Credentials in the URI
-    (``http://user:password@host:port``) go as MLflow's client sends them: basic auth, as requests does."""
+    its health check (MLflow's own client would retry for minutes first)."""
+    import urllib.error
+    import urllib.request
+
     from pipeline.config import ConfigError
 
     uri = tracking_uri(uri)
-    if uri.startswith(("http://", "https://")) and (why := unreachable(uri.rstrip("/") + "/health", timeout)):
-        raise ConfigError(f"mlflow.tracking_uri: cannot reach the MLflow server at {redact(uri)} ({why}); start "
-                          f"it, fix the URI (or MLFLOW_TRACKING_URI), or set mlflow.enabled=false")
-
-
-def _client(uri: Optional[str]) -> Any:
-    """MLflow's client, with ``HTTP_DEFAULTS`` and its log lines redacted; a URI with credentials also turns
-    off MLflow's printed run links (they show the URI as given, password and all)."""
-    import mlflow
-
-    uri = tracking_uri(uri)
-    quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if split_userinfo(uri)[1] else {}
-    for k, v in {**HTTP_DEFAULTS, **quiet}.items():
-        os.environ.setdefault(k, v)
-    redact_logs("mlflow")  # its warnings quote the URI as given
-    return mlflow.MlflowClient(uri)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy may not expose /health)
+    except OSError as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"mlflow.tracking_uri: cannot reach the MLflow server at {redact(uri)} ({reason}); start "
+                          f"it, fix the URI (or MLFLOW_TRACKING_URI), or set mlflow.enabled=false") from None
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -116,46 +98,20 @@ def make_grid(images: Any, nrow: Optional[int] = None, pad: int = 2, min_size: i
     return grid
 
 
-def _classify(e: BaseException) -> Optional[str]:
-    """For the outbox: "away" (no answer), "busy" (a 5xx / 429 answer) or None (refused, a local error)."""
-    import requests
-    from mlflow.exceptions import MlflowException, RestException
-
-    code = (e.get_http_status_code() if isinstance(e, RestException) else  # artifact uploads raise HTTPError
-            e.response.status_code if isinstance(e, requests.HTTPError) and e.response is not None else None)
-    if code is not None:
-        return "busy" if code >= 500 or code == 429 else None
-    if isinstance(e, MlflowException):  # "API request to ... failed with exception ...": INTERNAL_ERROR
-        return "away" if e.error_code == "INTERNAL_ERROR" else None
-    return "away" if isinstance(e, (OSError, requests.RequestException)) else None
-
-
-def _outbox(uri: str) -> Outbox:
-    return Outbox(f"MLflow server at {uri}", _classify, BUFFER_VALUES, BUFFER_BYTES)
-
-
 class Run:
     """A job's MLflow run. Everything is logged through the client with this run's id, so a job may log
     into a run it does not own (``owns=False``, e.g. a training run another process is still writing
-    to) without touching that run's status. Use :func:`start_run` to get one.
+    to) without touching that run's status. Use :func:`start_run` to get one."""
 
-    Calls go out in order from the run's outbox thread and return at once; the two that return the
-    server's answer wait at most ``SYNC_WAIT_S`` and not while it is away: then :meth:`log_params`
-    returns every param asked for and :meth:`register_checkpoint` None (both happen once it is back)."""
-
-    def __init__(self, client: Any, run_id: str, experiment_id: str, *, resumed: bool, owns: bool,
-                 outbox: Optional[Outbox] = None) -> None:
+    def __init__(self, client: Any, run_id: str, experiment_id: str, *, resumed: bool, owns: bool) -> None:
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.resumed = resumed
         self.owns = owns
         self._ended = False
-        self._outbox = outbox or _outbox(str(client.tracking_uri))
 
-    def _log_batch(self, tags: Sequence[Any] = (), params: Sequence[Any] = ()) -> None:
-        for i in range(0, max(len(tags), len(params)), 100):  # a log_batch holds at most 100 params / tags
-            self.client.log_batch(self.run_id, params=params[i:i + 100], tags=tags[i:i + 100])
+    # -- logging ---------------------------------------------------------------------------------------
 
     def log_params(self, params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         """Log a (nested) config as flattened params; returns what was logged.
@@ -164,49 +120,44 @@ class Run:
         run keeps the values it started with; a conflicting value is recorded as tag
         ``param_conflict.<key>``). Values are redacted and cut to MLflow's 6000 characters.
         """
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         flat = {f"{prefix}{k}": redact(str(v))[:PARAM_VALUE_MAX] for k, v in flatten(dict(params)).items()}
-        state: dict[str, dict] = {}
-
-        def send() -> dict[str, str]:
-            if "have" not in state:  # once: a retry after a partial send must not take its params for old ones
-                state["have"] = self.client.get_run(self.run_id).data.params
-            seen = state["have"]
-            new = {k: v for k, v in flat.items() if k not in seen}
-            conflicts = [RunTag(f"param_conflict.{k}", v) for k, v in flat.items() if k in seen and seen[k] != v]
-            self._log_batch(tags=conflicts, params=[Param(k, v) for k, v in new.items()])
-            return new
-
-        return self._outbox.ask("params", len(flat), send, SYNC_WAIT_S, flat)
+        have = self.client.get_run(self.run_id).data.params
+        new = {k: v for k, v in flat.items() if k not in have}
+        conflicts = {f"param_conflict.{k}": v for k, v in flat.items() if k in have and have[k] != v}
+        items = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(items), 100):  # a log_batch holds at most 100 params
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        if conflicts:
+            self.set_tags(conflicts)
+        return new
 
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
         """Finite numeric metrics at ``step``; None and non-finite values are skipped (MLflow would store
-        a NaN, which plots as a gap). Timestamped now, sent later (several calls in one request)."""
+        a NaN, which plots as a gap)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()
                  if v is not None and math.isfinite(float(v))]
         if items:
-            self._outbox.submit("metric values", len(items), lambda ms: self.client.log_batch(self.run_id, metrics=ms),
-                                items=items)
+            self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, redact(str(v))[:PARAM_VALUE_MAX]) for k, v in tags.items()]
         if items:
-            self._outbox.submit("tags", len(items), lambda: self._log_batch(tags=items))
+            self.client.log_batch(self.run_id, tags=items)
 
     def log_image(self, image: np.ndarray, artifact_file: Optional[str] = None, key: Optional[str] = None,
                   step: Optional[int] = None) -> None:
         """uint8 ``(H, W, 3)``: as a fixed artifact file and/or step-indexed under ``key``."""
-        image = np.array(image)  # a copy: the caller may reuse its buffer before it is sent
-        for kw in ([{"artifact_file": artifact_file}] if artifact_file else []) + (
-                [{"key": key, "step": int(step or 0), "synchronous": True}] if key else []):  # one call each
-            self._outbox.submit("images", 1, lambda kw=kw: self.client.log_image(self.run_id, image, **kw),
-                                nbytes=image.nbytes)
+        if artifact_file:
+            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        if key:
+            self.client.log_image(self.run_id, image, key=key, step=int(step or 0), synchronous=True)
 
     def log_grid(self, images: Any, nrow: Optional[int] = None, key: str = "samples",
                  step: Optional[int] = None) -> np.ndarray:
@@ -217,25 +168,24 @@ class Run:
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """A JSON/YAML-serializable object as an artifact (``.json`` or ``.yaml``)."""
-        obj = copy.deepcopy(obj)
-        self._outbox.submit("artifacts", 1, lambda: self.client.log_dict(self.run_id, obj, artifact_file),
-                            nbytes=len(repr(obj)))
+        self.client.log_dict(self.run_id, obj, artifact_file)
 
     def log_dataset(self, name: str, uri: str, digest: str, context: str, profile: Mapping[str, Any]) -> None:
         """Record a dataset as an input of this run (MLflow lineage: the run's "Datasets" column):
         ``uri`` where it lives, ``digest`` its fingerprint, ``context`` ("train", "source", "output",
         "reference", …) and a small ``profile`` (counts, split, tokenizer). Nothing is uploaded."""
+        import json
+
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         ds = Dataset(name=name, digest=digest[:36], source_type=uri.split("://", 1)[0] if "://" in uri else "local",
                      source=json.dumps({"uri": redact(uri)}), profile=redact(json.dumps(dict(profile), default=str)))
-        inputs = [DatasetInput(ds, [InputTag("mlflow.data.context", context)])]
-        self._outbox.submit("dataset inputs", 1, lambda: self.client.log_inputs(self.run_id, inputs))
+        self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
 
     def register_checkpoint(self, model_name: str, checkpoint: str, step: int, metadata: Mapping[str, Any],
-                            aliases: tuple[str, ...] = ()) -> Optional[str]:
+                            aliases: tuple[str, ...] = ()) -> str:
         """Register the weights at ``checkpoint`` (a URL, left where it is: nothing is copied) as a new
-        version of registered model ``model_name``; returns the version (None while the server is away).
+        version of registered model ``model_name``; returns the version.
 
         The version's source is a small pointer artifact of this run (``model/checkpoint.json``: the URL,
         the step and ``metadata``), so any tracking server accepts it; the URL and step are also version
@@ -243,47 +193,32 @@ class Run:
         """
         from mlflow.exceptions import MlflowException
 
-        pointer = {"checkpoint": redact(checkpoint), "step": int(step), **copy.deepcopy(dict(metadata))}
+        pointer = {"checkpoint": redact(checkpoint), "step": int(step), **metadata}
+        self.client.log_dict(self.run_id, pointer, "model/checkpoint.json")
+        try:
+            self.client.create_registered_model(model_name, description="ENAT EMA weights (enat-pipeline)")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
         tags = {"checkpoint": redact(checkpoint), "step": str(int(step))}
         tags.update({k: redact(str(v))[:PARAM_VALUE_MAX] for k, v in flatten(dict(metadata)).items()})
-        done: dict[str, Any] = {}  # the steps a retry must not repeat
+        mv = self.client.create_model_version(model_name, source=f"runs:/{self.run_id}/model", run_id=self.run_id,
+                                              tags=tags)
+        for alias in aliases:
+            self.client.set_registered_model_alias(model_name, alias, mv.version)
+        return str(mv.version)
 
-        def send() -> str:
-            if "pointer" not in done:
-                done["pointer"] = self.client.log_dict(self.run_id, pointer, "model/checkpoint.json")
-            try:
-                self.client.create_registered_model(model_name, description="ENAT EMA weights (enat-pipeline)")
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            if "mv" not in done:
-                done["mv"] = self.client.create_model_version(model_name, source=f"runs:/{self.run_id}/model",
-                                                              run_id=self.run_id, tags=tags)
-            for alias in aliases:
-                self.client.set_registered_model_alias(model_name, alias, done["mv"].version)
-            return str(done["mv"].version)
-
-        return self._outbox.ask("model registrations", 1, send, SYNC_WAIT_S, None)
-
-    def flush(self, timeout: float = END_WAIT_S) -> bool:
-        """Wait at most ``timeout`` s for everything logged so far to be sent; True if it was."""
-        return self._outbox.flush(timeout)
-
-    def end(self, status: str = "FINISHED", timeout: float = END_WAIT_S) -> None:
+    def end(self, status: str = "FINISHED") -> None:
         """End the run (``FINISHED``, ``FAILED`` or ``KILLED``) if this job owns it; a run it only logs
-        into keeps its status. Waits at most ``timeout`` s for what is still to send, then logs one
-        warning line with what was not logged, if anything. A second call does nothing."""
+        into keeps its status. A second call does nothing."""
         if self._ended:
             return
         self._ended = True
-        if self.owns:
-            self._outbox.submit(f"run end (status {status})", 1, lambda: self._terminate(status), bounded=False)
-        self._outbox.close(timeout, f"run {self.run_id}")
-
-    def _terminate(self, status: str) -> None:
+        if not self.owns:
+            return
         import mlflow
 
-        active = mlflow.active_run()  # on the outbox thread, where start_run began the fluent run
+        active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run(status=status)  # also stops the system-metrics monitor
         else:
@@ -299,7 +234,7 @@ class Run:
 def start_run(uri: Optional[str] = None, experiment: Optional[str] = "enat", run_name: Optional[str] = None,
               run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
               tags: Optional[Mapping[str, Any]] = None, system_metrics: bool = False, owns: bool = True) -> Run:
-    """Start (or resume) the job's MLflow run; a server away now fails it (after ``HTTP_DEFAULTS``' retries).
+    """Start (or resume) the job's MLflow run.
 
     - ``run_id``: that run. ``owns=True`` resumes it as this job's run (a rerun of the same job:
       status RUNNING again, ended by :meth:`Run.end`); ``owns=False`` only logs into it (another job's
@@ -309,15 +244,15 @@ def start_run(uri: Optional[str] = None, experiment: Optional[str] = "enat", run
       experiment unless ``experiment`` is given.
     - else a new run named ``run_name`` in ``experiment`` (created if missing; a sqlite store keeps its
       artifacts in ``mlartifacts/`` beside the database).
-    A run this job owns is an MLflow fluent run (system metrics need one) of its outbox thread, which
-    ends it too: it never collides with a fluent run of the job's threads.
+    Runs this job owns are the process's active fluent run (system metrics need that); an already
+    active run is ended first.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(uri)
-    client = _client(uri)
     mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
     safe_uri = redact(uri)
     clean_tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
     if run_id:
@@ -329,39 +264,32 @@ def start_run(uri: Optional[str] = None, experiment: Optional[str] = "enat", run
             run = Run(client, run_id, existing.info.experiment_id, resumed=True, owns=False)
             run.set_tags(clean_tags)
             return run
-        exp_id = existing.info.experiment_id
-    else:
-        exp_id = None
-        if parent_run_id:
-            try:
-                parent = client.get_run(parent_run_id)
-            except MlflowException as e:
-                raise ValueError(f"mlflow.parent_run_id: run {parent_run_id!r} not found at {safe_uri} "
-                                 f"({e.error_code})") from None
-            if not experiment:
-                exp_id = parent.info.experiment_id
-        if exp_id is None:
-            exp_id = _experiment_id(mlflow, experiment or "enat", uri)
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    if run_id:
+        # the process-wide active experiment (set_experiment elsewhere) must match the run's
+        mlflow.set_experiment(experiment_id=existing.info.experiment_id)
+        active = mlflow.start_run(run_id=run_id, experiment_id=existing.info.experiment_id,
+                                  log_system_metrics=system_metrics)
+        if clean_tags:
+            mlflow.set_tags(clean_tags)
+        return Run(client, active.info.run_id, active.info.experiment_id, resumed=True, owns=True)
+    exp_id = None
+    if parent_run_id:
+        try:
+            parent = client.get_run(parent_run_id)
+        except MlflowException as e:
+            raise ValueError(f"mlflow.parent_run_id: run {parent_run_id!r} not found at {safe_uri} "
+                             f"({e.error_code})") from None
+        if not experiment:
+            exp_id = parent.info.experiment_id
+    if exp_id is None:
+        exp_id = _experiment_id(mlflow, experiment or "enat", uri)
     # the process-wide active experiment (set_experiment elsewhere) must match the run's
     mlflow.set_experiment(experiment_id=exp_id)
-
-    def begin() -> Any:
-        if run_id:
-            active = mlflow.start_run(run_id=run_id, experiment_id=exp_id, log_system_metrics=system_metrics)
-            if clean_tags:
-                mlflow.set_tags(clean_tags)
-        else:
-            active = mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id,
-                                      log_system_metrics=system_metrics, tags=clean_tags)
-        return active.info
-
-    outbox = _outbox(uri)
-    try:
-        info = outbox.call(begin)
-    except BaseException:
-        outbox.close(0)
-        raise
-    return Run(client, info.run_id, info.experiment_id, resumed=bool(run_id), owns=True, outbox=outbox)
+    active = mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id,
+                              log_system_metrics=system_metrics, tags=clean_tags)
+    return Run(client, active.info.run_id, active.info.experiment_id, resumed=False, owns=True)
 
 
 def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
@@ -381,10 +309,11 @@ def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
 
 def run_exists(uri: Optional[str], run_id: str) -> bool:
     """True if ``run_id`` exists (and is not deleted) at the tracking URI."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        run = _client(uri).get_run(run_id)
+        run = mlflow.MlflowClient(tracking_uri(uri)).get_run(run_id)
     except MlflowException:
         return False
     return run.info.lifecycle_stage != "deleted"
@@ -400,12 +329,13 @@ def is_model_uri(value: str) -> bool:
 def resolve_model(uri: Optional[str], model_uri: str) -> dict[str, Any]:
     """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` → {name, version, checkpoint (URL of the
     weights), step, run_id (the training run)}. Raises ``ValueError`` naming what is missing."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     m = _MODELS_URI.match(model_uri)
     if m is None:
         raise ValueError(f"model.checkpoint: {model_uri!r} is not models:/<name>/<version> or models:/<name>@<alias>")
-    client = _client(uri)
+    client = mlflow.MlflowClient(tracking_uri(uri))
     try:
         mv = (client.get_model_version(m["name"], m["version"]) if m["version"]
               else client.get_model_version_by_alias(m["name"], m["alias"]))
@@ -422,21 +352,22 @@ def resolve_model(uri: Optional[str], model_uri: str) -> dict[str, Any]:
 def log_evaluation(uri: Optional[str], model: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
     """An evaluation of a registered model version (from :func:`resolve_model`): ``metrics`` go on the
     training run at the checkpoint's step (so the UI plots FID against training step) and onto the
-    model version as tags. Sent like a Run's calls: waits at most ``END_WAIT_S`` while the server is away."""
-    client = _client(uri)
-    run = Run(client, model["run_id"], "", resumed=True, owns=False)
-    run.log_metrics(metrics, step=model["step"])
-    tags = {k: str(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-    if tags:
-        run._outbox.submit("model version tags", len(tags), lambda: [
-            client.set_model_version_tag(model["name"], model["version"], k, v) for k, v in tags.items()])
-    run.end()
+    model version as tags."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(uri))
+    Run(client, model["run_id"], "", resumed=True, owns=False).log_metrics(metrics, step=model["step"])
+    for k, v in metrics.items():
+        if v is not None and math.isfinite(float(v)):
+            client.set_model_version_tag(model["name"], model["version"], k, str(v))
 
 
 def find_running_run(uri: Optional[str], experiment: str, tag: str, value: str) -> Optional[str]:
     """The id of the newest RUNNING run in ``experiment`` whose tag ``tag`` equals ``value`` (a job that
     died before it could record its run id elsewhere), else None."""
-    client = _client(uri)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(uri))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -445,5 +376,5 @@ def find_running_run(uri: Optional[str], experiment: str, tag: str, value: str) 
     return found[0].info.run_id if found else None
 
 
-__all__ = ["Run", "start_run", "tracking_uri", "check_reachable", "flatten", "make_grid",
-           "run_exists", "find_running_run", "is_model_uri", "resolve_model", "log_evaluation"]
+__all__ = ["Run", "start_run", "tracking_uri", "flatten", "make_grid", "run_exists", "find_running_run",
+           "is_model_uri", "resolve_model", "log_evaluation"]

@@ -148,9 +148,7 @@ def finish(tracker: tracking.Run, cfg: TrainJobConfig, mcfg: enat.ENATConfig, sp
         name = cfg.mlflow.model_name or cfg.train.run_name
         version = tracker.register_checkpoint(name, final, step, registry_metadata(cfg, mcfg, split),
                                               tuple(cfg.mlflow.aliases))
-        print(f"[train] registered models:/{name}/{version} -> {storage.redact(final)}" if version else
-              f"[train] models:/{name} not registered yet: the MLflow server is away (it is when the server is "
-              f"back before the run's end, else the end says so)", flush=True)
+        print(f"[train] registered models:/{name}/{version} -> {storage.redact(final)}", flush=True)
     tracker.end()
 
 
